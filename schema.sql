@@ -1,0 +1,115 @@
+-- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
+
+-- Schema version 1.
+
+CREATE SEQUENCE tasks_seq;
+
+CREATE TABLE dispatchers (
+	id UUID NOT NULL, 
+	hostname TEXT NOT NULL, 
+	pid INTEGER NOT NULL, 
+	workers INTEGER NOT NULL, 
+	started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	heartbeat_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	stopped_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id)
+);
+
+CREATE TABLE schema_version (
+	version INTEGER NOT NULL, 
+	applied_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (version)
+);
+
+CREATE TABLE task_groups (
+	id UUID NOT NULL, 
+	name TEXT, 
+	created_by TEXT, 
+	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (id)
+);
+
+CREATE TABLE tasks (
+	id UUID NOT NULL, 
+	seq BIGINT NOT NULL, 
+	action TEXT NOT NULL, 
+	params JSONB NOT NULL, 
+	state VARCHAR(16) NOT NULL, 
+	priority INTEGER NOT NULL, 
+	not_before TIMESTAMP WITH TIME ZONE NOT NULL, 
+	timeout FLOAT, 
+	max_attempts INTEGER NOT NULL, 
+	attempt INTEGER NOT NULL, 
+	locks JSONB NOT NULL, 
+	group_id UUID, 
+	result JSONB, 
+	error JSONB, 
+	created_by TEXT, 
+	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	started_at TIMESTAMP WITH TIME ZONE, 
+	finished_at TIMESTAMP WITH TIME ZONE, 
+	owner UUID, 
+	lease_until TIMESTAMP WITH TIME ZONE, 
+	deadline TIMESTAMP WITH TIME ZONE, 
+	pending INTEGER NOT NULL, 
+	collected_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id), 
+	CONSTRAINT tasks_state_valid CHECK (state IN ('new', 'running', 'waiting', 'complete', 'failed', 'cancelled')), 
+	CONSTRAINT tasks_pending_nonnegative CHECK (pending >= 0), 
+	CONSTRAINT tasks_attempts_valid CHECK (attempt >= 0 AND max_attempts >= 1), 
+	UNIQUE (seq), 
+	FOREIGN KEY(group_id) REFERENCES task_groups (id)
+);
+
+CREATE INDEX tasks_group ON tasks (group_id) WHERE group_id IS NOT NULL;
+
+CREATE INDEX tasks_leased ON tasks (lease_until) WHERE state IN ('running', 'waiting');
+
+CREATE INDEX tasks_ready ON tasks (priority DESC, seq) WHERE state = 'new' AND pending = 0;
+
+CREATE INDEX tasks_scheduled ON tasks (not_before) WHERE state = 'new' AND pending = 0;
+
+CREATE INDEX tasks_state_seq ON tasks (state, seq);
+
+CREATE TABLE held_locks (
+	key TEXT NOT NULL, 
+	task_id UUID NOT NULL, 
+	since TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (key), 
+	FOREIGN KEY(task_id) REFERENCES tasks (id)
+);
+
+CREATE INDEX held_locks_task ON held_locks (task_id);
+
+CREATE TABLE task_events (
+	id BIGSERIAL NOT NULL, 
+	task_id UUID NOT NULL, 
+	from_state VARCHAR(16), 
+	to_state VARCHAR(16) NOT NULL, 
+	at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	actor TEXT NOT NULL, 
+	message TEXT, 
+	PRIMARY KEY (id), 
+	FOREIGN KEY(task_id) REFERENCES tasks (id)
+);
+
+CREATE INDEX task_events_task ON task_events (task_id, id);
+
+CREATE TABLE task_locks (
+	task_id UUID NOT NULL, 
+	key TEXT NOT NULL, 
+	PRIMARY KEY (task_id, key), 
+	FOREIGN KEY(task_id) REFERENCES tasks (id)
+);
+
+CREATE TABLE task_prerequisites (
+	task_id UUID NOT NULL, 
+	prerequisite_id UUID NOT NULL, 
+	PRIMARY KEY (task_id, prerequisite_id), 
+	CONSTRAINT task_prerequisites_no_self_edge CHECK (task_id <> prerequisite_id), 
+	FOREIGN KEY(task_id) REFERENCES tasks (id), 
+	FOREIGN KEY(prerequisite_id) REFERENCES tasks (id)
+);
+
+CREATE INDEX task_prerequisites_dependents ON task_prerequisites (prerequisite_id);

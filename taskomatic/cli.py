@@ -1,0 +1,653 @@
+"""The `taskomatic` command: a few lines per verb over Queue; one clear line on error."""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from taskomatic import defaults, errors
+from taskomatic.actions.registry import registry
+from taskomatic.model import TERMINAL, State, Task
+from taskomatic.queue import Queue
+from taskomatic.submission import TaskSpec, parse_time
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_TASK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_DATABASE = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERNAL = 70
+
+EXIT_CODES = f"""
+Exit codes: 0 ok; {EXIT_TASK_FAILED} a waited-for task failed or was cancelled;
+{EXIT_BAD_INPUT} bad input; {EXIT_NOT_FOUND} no such task; {EXIT_CONFLICT} conflict or wrong state;
+{EXIT_DATABASE} database unavailable or not initialised; {EXIT_TIMEOUT} wait timed out.
+"""
+
+
+def default_database_url() -> str:
+    """An SQLite file in the user's data directory: the zero-setup embedded default."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"sqlite:///{Path(base) / 'taskomatic' / 'taskomatic.db'}"
+
+
+class App:
+    """What every command shares: the database URL, the output mode, the opened queue."""
+
+    def __init__(self, database_url: str, as_json: bool, actions: Sequence[str]) -> None:
+        self.database_url = database_url
+        self.json = as_json
+        self.actions = actions
+        self._queue: Queue | None = None
+
+    def queue(self, init: bool = False) -> Queue:
+        if self._queue is None:
+            registry.load_entry_points()
+            for module in self.actions:
+                registry.load_module(module)
+            self._queue = Queue.open(self.database_url, actor=f"cli:{_user()}")
+            if init or self._queue.store.schema_version() is None:
+                if init or self.database_url.startswith("sqlite"):
+                    self._queue.init_db()  # the embedded default needs no set-up step
+                else:
+                    raise errors.SchemaError()
+        return self._queue
+
+    def out(self, data: Any, human: Callable[[], None]) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        else:
+            human()
+
+
+def command(group: click.Group, name: str | None = None, **kw: Any) -> Callable[[F], F]:
+    """Register a command whose TaskomaticErrors become one line and an exit code."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except errors.TaskomaticError as exc:
+                fail(exc.message, _exit_code(exc))
+
+        return group.command(name, **kw)(click.pass_obj(wrapper))  # type: ignore[return-value]
+
+    return decorate
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"taskomatic: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_code(exc: errors.TaskomaticError) -> int:
+    for kind, code in (
+        (errors.ValidationError, EXIT_BAD_INPUT),
+        (errors.ActionImportError, EXIT_BAD_INPUT),
+        (errors.TaskNotFound, EXIT_NOT_FOUND),
+        (errors.GroupNotFound, EXIT_NOT_FOUND),
+        (errors.Conflict, EXIT_CONFLICT),
+        (errors.InvalidTransition, EXIT_CONFLICT),
+        (errors.DatabaseUnavailable, EXIT_DATABASE),
+        (errors.SchemaError, EXIT_DATABASE),
+        (errors.WaitTimeout, EXIT_TIMEOUT),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return EXIT_INTERNAL
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar="TASKOMATIC_DATABASE_URL",
+    default=default_database_url,
+    show_default="an SQLite file in ~/.local/share/taskomatic",
+    help="postgresql://user@host/db or sqlite:///path (env TASKOMATIC_DATABASE_URL).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--actions",
+    "actions",
+    multiple=True,
+    metavar="MODULE",
+    help="Import a module that registers actions (repeatable).",
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="taskomatic")
+@click.pass_context
+def main(
+    ctx: click.Context, database_url: str, as_json: bool, actions: tuple[str, ...], verbose: int
+) -> None:
+    """taskomatic — run virtualization work in order, in parallel where safe, never twice."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = App(database_url, as_json, actions)
+
+
+@main.group()
+def db() -> None:
+    """Manage the database schema."""
+
+
+@command(db, "init")
+def db_init(app: App) -> None:
+    """Create the tables if missing (safe to repeat) and record the schema version."""
+    version = app.queue(init=True).store.schema_version()
+    app.out(
+        {"schema_version": version},
+        lambda: click.echo(f"schema version {version} ready at {_safe_url(app.database_url)}"),
+    )
+
+
+@command(db, "schema")
+def db_schema(app: App) -> None:
+    """Print the PostgreSQL DDL of the schema (what `schema.sql` holds)."""
+    from taskomatic.schema import postgresql_ddl
+
+    click.echo(postgresql_ddl(), nl=False)
+
+
+@command(db, "check")
+def db_check(app: App) -> None:
+    """Verify the queue's invariants (prerequisite counts, held locks); exit 1 if broken."""
+    queue = app.queue()
+    with queue.store.read() as conn:
+        problems = queue.store.audit(conn)
+    app.out(
+        {"problems": problems},
+        lambda: click.echo("\n".join(problems) if problems else "ok: no problems found"),
+    )
+    if problems:
+        sys.exit(EXIT_TASK_FAILED)
+
+
+def _task_options(fn: F) -> F:
+    for option in reversed(
+        [
+            click.option(
+                "--param",
+                "-p",
+                "param",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="A parameter; VALUE is read as JSON if it parses, else as a string.",
+            ),
+            click.option("--params", "params_json", metavar="JSON", help="All parameters as JSON."),
+            click.option("--after", multiple=True, metavar="ID", help="A prerequisite task id."),
+            click.option("--id", "task_id", metavar="UUID", help="Choose the id (idempotent)."),
+            click.option("--lock", multiple=True, metavar="KEY", help="An extra lock key."),
+            click.option(
+                "--priority", type=int, default=0, show_default=True, help="Higher runs first."
+            ),
+            click.option(
+                "--not-before", metavar="TIME", help="ISO 8601 time, or a delay like 30s, 5m, 2h."
+            ),
+            click.option("--timeout", type=float, metavar="SECONDS", help="Fail after this long."),
+            click.option(
+                "--max-attempts",
+                type=int,
+                default=defaults.MAX_ATTEMPTS,
+                show_default=True,
+                help="Attempts before the task fails.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@command(main, "submit", epilog=EXIT_CODES)
+@click.argument("action")
+@_task_options
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the task to finish.")
+def submit(
+    app: App,
+    action: str,
+    param: tuple[str, ...],
+    params_json: str | None,
+    after: tuple[str, ...],
+    task_id: str | None,
+    lock: tuple[str, ...],
+    priority: int,
+    not_before: str | None,
+    timeout: float | None,
+    max_attempts: int,
+    wait_: bool,
+) -> None:
+    """Submit one task running ACTION."""
+    spec = TaskSpec(
+        action,
+        _params(param, params_json),
+        id=task_id,
+        after=after,
+        locks=lock,
+        priority=priority,
+        not_before=_when(not_before),
+        timeout=timeout,
+        max_attempts=max_attempts,
+    )
+    queue = app.queue()
+    task = queue.submit_many([spec], created_by=f"cli:{_user()}")[0]
+    if wait_:
+        task = _wait(app, [task.id], None)[0]
+    app.out(task.to_dict(), lambda: click.echo(task.id if not wait_ else _line(task)))
+    _exit_for(task)
+
+
+@command(main, "submit-group", epilog=EXIT_CODES)
+@click.argument("file", type=click.File())
+@click.option("--name", help="A name for the group (default: from the file).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the group, showing progress.")
+def submit_group(app: App, file: Any, name: str | None, wait_: bool) -> None:
+    """Submit a DAG of tasks from FILE (JSON; - for stdin) as one group.
+
+    The file holds {"name": ..., "tasks": [{"name": "a", "action": "noop"},
+    {"action": "sleep", "params": {"seconds": 1}, "after": ["a"]}]}; `after` names tasks
+    of the file by `name`, or existing tasks by id.
+    """
+    try:
+        doc = json.load(file)
+    except json.JSONDecodeError as exc:
+        raise errors.ValidationError(f"{file.name}: not valid JSON: {exc}") from None
+    if isinstance(doc, list):
+        doc = {"tasks": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
+        raise errors.ValidationError(f"{file.name}: expected an object with a 'tasks' list")
+    specs = [TaskSpec.from_dict(t) if isinstance(t, dict) else _not_a_task(t) for t in doc["tasks"]]
+    group_id = uuid.UUID(doc["id"]) if doc.get("id") else None
+    queue = app.queue()
+    group, tasks = queue.submit_group(
+        specs, name=name or doc.get("name"), group_id=group_id, created_by=f"cli:{_user()}"
+    )
+    if wait_:
+        tasks = _wait(app, [t.id for t in tasks], None, label=group.name or str(group.id))
+    data = {"group": queue.group(group.id).to_dict(), "tasks": [t.to_dict() for t in tasks]}
+    app.out(data, lambda: click.echo(group.id if not wait_ else "\n".join(_line(t) for t in tasks)))
+    for task in tasks:
+        _exit_for(task)
+
+
+@command(main, "show")
+@click.argument("task_id")
+def show(app: App, task_id: str) -> None:
+    """Show a task (or a group) with its event timeline."""
+    queue = app.queue()
+    try:
+        task = queue.get(task_id)
+    except errors.TaskNotFound:
+        group = queue.group(task_id)
+        tasks = queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
+        app.out(
+            {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]},
+            lambda: _print_group(group.to_dict(), tasks),
+        )
+        return
+    events = queue.events(task.id)
+    app.out(
+        {**task.to_dict(), "events": [e.to_dict() for e in events]},
+        lambda: _print_task(task, events),
+    )
+
+
+@command(main, "list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in State]),
+    help="Only tasks in this state (repeatable).",
+)
+@click.option("--action", help="Only tasks of this action.")
+@click.option("--group", help="Only tasks of this group.")
+@click.option("--limit", type=int, default=defaults.LIST_LIMIT, show_default=True)
+@click.option("--cursor", type=int, help="Continue after a previous page.")
+def list_(
+    app: App,
+    states: tuple[str, ...],
+    action: str | None,
+    group: str | None,
+    limit: int,
+    cursor: int | None,
+) -> None:
+    """List tasks, newest first."""
+    page = app.queue().list(
+        state=list(states), action=action, group=group, limit=limit, cursor=cursor
+    )
+
+    def human() -> None:
+        click.echo(f"{'ID':36}  {'STATE':9}  {'ACTION':20}  {'TRY':>5}  CREATED")
+        for t in page.tasks:
+            click.echo(
+                f"{t.id}  {t.state.value:9}  {t.action[:20]:20}  "
+                f"{t.attempt:>2}/{t.max_attempts:<2}  {t.created_at:%Y-%m-%d %H:%M:%S}"
+            )
+        if page.next_cursor is not None:
+            click.echo(f"(more: --cursor {page.next_cursor})", err=True)
+
+    app.out({"tasks": [t.to_dict() for t in page.tasks], "next_cursor": page.next_cursor}, human)
+
+
+@command(main, "wait", epilog=EXIT_CODES)
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, metavar="SECONDS", help="Give up after this long.")
+def wait(app: App, ids: tuple[str, ...], timeout: float | None) -> None:
+    """Wait until the tasks (or every task of a group) finish; exit 1 if any did not complete."""
+    queue = app.queue()
+    task_ids: list[uuid.UUID] = []
+    label = None
+    for ref in ids:
+        try:
+            task_ids.append(queue.get(ref).id)
+        except errors.TaskNotFound:
+            group = queue.group(ref)
+            label = group.name or str(group.id)
+            task_ids += [
+                t.id for t in queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
+            ]
+    tasks = _wait(app, task_ids, timeout, label=label)
+    app.out([t.to_dict() for t in tasks], lambda: click.echo("\n".join(_line(t) for t in tasks)))
+    for task in tasks:
+        _exit_for(task)
+
+
+@command(main, "cancel")
+@click.argument("task_id")
+@click.option("--reason", default="cancelled by operator", show_default=True)
+def cancel(app: App, task_id: str, reason: str) -> None:
+    """Cancel a new task and, transitively, the tasks that depend on it."""
+    tasks = app.queue().cancel(task_id, reason)
+    app.out([t.to_dict() for t in tasks], lambda: click.echo("\n".join(_line(t) for t in tasks)))
+
+
+@command(main, "retry")
+@click.argument("task_id")
+def retry(app: App, task_id: str) -> None:
+    """Send a failed or cancelled task back to new (with the dependents it cancelled)."""
+    tasks = app.queue().retry(task_id)
+    app.out([t.to_dict() for t in tasks], lambda: click.echo("\n".join(_line(t) for t in tasks)))
+
+
+@command(main, "collect")
+@click.argument("task_id")
+def collect(app: App, task_id: str) -> None:
+    """Print a finished task's result and mark it collected."""
+    task = app.queue().collect(task_id)
+    app.out(
+        task.to_dict(),
+        lambda: click.echo(json.dumps(task.result if task.state == State.COMPLETE else task.error)),
+    )
+    _exit_for(task)
+
+
+@command(main, "why")
+@click.argument("task_id")
+def why(app: App, task_id: str) -> None:
+    """Explain why a task is not running: prerequisites, locks, not_before, workers."""
+    answer = app.queue().why(task_id)
+    app.out(
+        answer.to_dict(),
+        lambda: click.echo("\n".join(f"- {b.message}" for b in answer.blockers) or answer.summary),
+    )
+
+
+@command(main, "status")
+def status(app: App) -> None:
+    """Tasks by state and the dispatchers alive."""
+    queue = app.queue()
+    counts, alive = queue.counts(), queue.dispatchers()
+    data = {
+        "counts": {s.value: counts.get(s, 0) for s in State},
+        "dispatchers": [
+            {"id": str(d.id), "host": d.hostname, "pid": d.pid, "workers": d.workers} for d in alive
+        ],
+    }
+
+    def human() -> None:
+        click.echo("  ".join(f"{s.value}={counts.get(s, 0)}" for s in State))
+        click.echo(
+            f"{len(alive)} dispatcher(s) alive"
+            + "".join(f"\n  {d.id} on {d.hostname} pid {d.pid}, {d.workers} workers" for d in alive)
+        )
+
+    app.out(data, human)
+
+
+@command(main, "actions")
+def actions(app: App) -> None:
+    """List the registered actions and their parameters."""
+    app.queue()
+    listing: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        action = registry.get(name)
+        listing[name] = {
+            "help": action.help,
+            "params": {
+                p: {
+                    "type": spec.type.__name__,
+                    "required": spec.required,
+                    **({} if spec.required else {"default": spec.default}),
+                }
+                for p, spec in action.params.items()
+            },
+        }
+
+    def human() -> None:
+        for name, info in listing.items():
+            params = ", ".join(
+                f"{p}: {v['type']}" + ("" if v["required"] else f" = {v['default']!r}")
+                for p, v in info["params"].items()
+            )
+            click.echo(f"{name}({params})  {info['help']}")
+
+    app.out(listing, human)
+
+
+@command(main, "dispatcher")
+@click.option(
+    "--workers",
+    type=int,
+    default=defaults.WORKERS,
+    show_default=True,
+    help="Worker threads (tasks run at once).",
+)
+@click.option(
+    "--lease",
+    type=float,
+    default=defaults.LEASE_SECONDS,
+    show_default=True,
+    help="Seconds a claimed task stays ours without renewal.",
+)
+@click.option(
+    "--poll",
+    type=float,
+    default=defaults.SAFETY_POLL_SECONDS,
+    show_default=True,
+    help="Seconds between safety polls.",
+)
+@click.option("--until-empty", is_flag=True, help="Exit once no task is new, running or waiting.")
+@click.option(
+    "--grace",
+    type=float,
+    default=defaults.SHUTDOWN_GRACE_SECONDS,
+    show_default=True,
+    help="Seconds running actions get to finish on SIGTERM/SIGINT.",
+)
+def dispatcher(
+    app: App, workers: int, lease: float, poll: float, until_empty: bool, grace: float
+) -> None:
+    """Run tasks until stopped (SIGTERM/SIGINT: finish running work, then exit 0)."""
+    from taskomatic.dispatcher import Dispatcher
+
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    disp = Dispatcher(app.queue(), workers=workers, lease=lease, poll=poll)
+    stops = 0
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            os._exit(1)  # asked twice: leave the rest to lease takeover
+        logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
+        disp.stop(grace=grace, wait=False)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    disp.run(until_empty=until_empty)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _wait(
+    app: App, ids: list[uuid.UUID], timeout: float | None, label: str | None = None
+) -> list[Task]:
+    progress = None
+    if label and not app.json:
+        tty = sys.stderr.isatty()
+
+        def progress(tasks: list[Task]) -> None:
+            counts: dict[str, int] = {}
+            for t in tasks:
+                counts[t.state.value] = counts.get(t.state.value, 0) + 1
+            done = sum(t.state in TERMINAL for t in tasks)
+            text = (
+                f"{label}: {done}/{len(tasks)} finished ("
+                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                + ")"
+            )
+            click.echo(("\r\x1b[K" if tty else "") + text, err=True, nl=not tty)
+
+    tasks = app.queue().wait(ids, timeout=timeout, on_change=progress)
+    if progress is not None and sys.stderr.isatty():
+        click.echo("", err=True)
+    return tasks
+
+
+def _exit_for(task: Task) -> None:
+    if task.state in (State.FAILED, State.CANCELLED):
+        sys.exit(EXIT_TASK_FAILED)
+
+
+def _line(task: Task) -> str:
+    detail = ""
+    if task.error:
+        detail = f"  {task.error.get('message', '')}"
+    elif task.result is not None:
+        detail = f"  {json.dumps(task.result)}"
+    return f"{task.id}  {task.state.value:9}  {task.action}{detail}"
+
+
+def _print_task(task: Task, events: Sequence[Any]) -> None:
+    d = task.to_dict()
+    for key in (
+        "id",
+        "action",
+        "state",
+        "params",
+        "priority",
+        "attempt",
+        "max_attempts",
+        "locks",
+        "after",
+        "group",
+        "not_before",
+        "timeout",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "owner",
+        "result",
+        "error",
+    ):
+        value = d[key]
+        if value in (None, [], {}) and key not in ("state", "params"):
+            continue
+        if key == "error" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "traceback"}
+        click.echo(
+            f"{key + ':':13} {json.dumps(value) if isinstance(value, dict | list) else value}"
+        )
+    click.echo("events:")
+    for e in events:
+        src = e.from_state.value if e.from_state else "-"
+        click.echo(
+            f"  {e.at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {src:>9} -> {e.to_state.value:9}"
+            f"  {e.actor}  {e.message}"
+        )
+
+
+def _print_group(group: dict[str, Any], tasks: Sequence[Task]) -> None:
+    click.echo(
+        f"group {group['id']}"
+        + (f" ({group['name']})" if group["name"] else "")
+        + f": {group['state']}"
+    )
+    by_id = {t.id: t for t in tasks}
+    for t in sorted(tasks, key=lambda t: t.created_at):
+        after = [str(p)[:8] for p in t.prerequisites if p in by_id]
+        click.echo(f"  {_line(t)}" + (f"  after {', '.join(after)}" if after else ""))
+
+
+def _params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json:
+        try:
+            params = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise errors.InvalidParams(f"--params is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise errors.InvalidParams("--params must be a JSON object")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise errors.InvalidParams(f"--param {pair!r} is not KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) + timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    return parse_time(text)
+
+
+def _not_a_task(value: Any) -> NoReturn:
+    raise errors.ValidationError(f"each task must be an object, got {value!r}")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,72 @@
+"""Every tunable of taskomatic in one place, one constant per line, each with its unit."""
+
+from __future__ import annotations
+
+WORKERS = 8
+"""Worker threads of one dispatcher (count)."""
+
+LEASE_SECONDS = 30.0
+"""How long a claimed task belongs to its dispatcher without renewal (seconds)."""
+
+LEASE_RENEW_FRACTION = 1 / 3
+"""Renew leases when this fraction of the lease has elapsed (ratio of LEASE_SECONDS)."""
+
+SAFETY_POLL_SECONDS = 5.0
+"""Interval of the safety poll that catches missed wake-ups (seconds)."""
+
+RECOVERY_SECONDS = 10.0
+"""Interval between lease-takeover sweeps, also run at start-up (seconds)."""
+
+HEARTBEAT_SECONDS = 5.0
+"""Interval between dispatcher heartbeats (seconds)."""
+
+DISPATCHER_DEAD_AFTER_SECONDS = 30.0
+"""A dispatcher without a heartbeat for this long counts as dead (seconds)."""
+
+MISSED_WAKE_GRACE_SECONDS = 1.0
+"""Runnable this long past a safety poll interval means a wake-up was missed (seconds)."""
+
+SQLITE_DATA_VERSION_POLL_SECONDS = 0.05
+"""How often a SQLite dispatcher checks for commits by other processes (seconds)."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for the write lock before failing (milliseconds)."""
+
+LISTEN_PING_SECONDS = 10.0
+"""How often the PostgreSQL LISTEN connection is pinged to detect a half-open socket (seconds)."""
+
+NOTIFY_CHANNEL = "taskomatic"
+"""PostgreSQL channel used for wake-ups (name)."""
+
+RETRY_BACKOFF_BASE_SECONDS = 1.0
+"""First retry delay of a failed task; doubles per attempt (seconds)."""
+
+RETRY_BACKOFF_MAX_SECONDS = 600.0
+"""Upper bound of a task's retry delay (seconds)."""
+
+RETRY_JITTER = 0.2
+"""Random spread applied to each retry delay (fraction of the delay)."""
+
+DB_RETRY_BASE_SECONDS = 0.1
+"""First delay before retrying a transaction after a dropped database connection (seconds)."""
+
+DB_RETRY_MAX_SECONDS = 5.0
+"""Upper bound of the delay between database reconnection attempts (seconds)."""
+
+DB_RETRY_GIVE_UP_SECONDS = 300.0
+"""A producer call gives up after the database has been unreachable this long (seconds)."""
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+"""How long a stopping dispatcher lets running actions finish (seconds)."""
+
+CLAIM_BATCH = 64
+"""Most tasks claimed in one transaction (count)."""
+
+LIST_LIMIT = 50
+"""Default page size of list (count)."""
+
+MAX_LIST_LIMIT = 1000
+"""Largest page a list call may ask for (count)."""
+
+MAX_ATTEMPTS = 1
+"""Attempts of a task unless the submitter says otherwise (count)."""

@@ -1,0 +1,662 @@
+"""Queue: the one way in — submit, get, list, wait, cancel, retry, collect, why."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from taskomatic import defaults, errors, explain, wakeup
+from taskomatic.actions.registry import Registry
+from taskomatic.actions.registry import registry as default_registry
+from taskomatic.model import TERMINAL, Dispatcher, Event, Group, Move, State, Task
+from taskomatic.store.base import Change, Store, open_store
+from taskomatic.submission import Prepared, TaskSpec, prepare
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a task listing; pass `next_cursor` back to get the following page."""
+
+    tasks: list[Task]
+    next_cursor: int | None
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """What one dispatcher cycle did: tasks claimed, outcomes refused, when work is next due."""
+
+    claimed: list[Task]
+    refused: dict[uuid.UUID, State | None]
+    next_due: datetime | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run of an action ended, as the dispatcher reports it back."""
+
+    task: Task
+    ok: bool
+    result: Any = None
+    error: Mapping[str, Any] | None = None
+    permanent: bool = False
+
+
+class Queue:
+    """All access to the task tables goes through here, so every change wakes the dispatcher."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        registry: Registry | None = None,
+        clock: Clock = utcnow,
+        actor: str = "api",
+    ) -> None:
+        self.store = store
+        self.registry = registry or default_registry
+        self.now = clock
+        self.actor = actor
+        self.signal = wakeup.Signal()
+        self._watcher = wakeup.Watcher(store, self.signal)
+
+    @classmethod
+    def open(cls, url: str, **kwargs: Any) -> Queue:
+        """A queue over the database at `url` (postgresql://… or sqlite:///path)."""
+        return cls(open_store(url), **kwargs)
+
+    def close(self) -> None:
+        self._watcher.stop()
+        self.store.close()
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def init_db(self) -> int:
+        """Create the schema if missing (idempotent); returns the schema version."""
+        return self._retrying(lambda: self.store.init_schema(self.now()))
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying it whole after a transient database error, with backoff."""
+        delay = defaults.DB_RETRY_BASE_SECONDS
+        give_up = time.monotonic() + defaults.DB_RETRY_GIVE_UP_SECONDS
+        while True:
+            try:
+                return fn()
+            except sa.exc.IntegrityError:
+                raise  # a racing submitter; the caller decides whether to look again
+            except sa.exc.DBAPIError as exc:
+                if not self.store.is_transient(exc) or time.monotonic() > give_up:
+                    raise _database_error(exc) from exc
+                log.warning("database error, retrying in %.2fs: %s", delay, _first_line(exc))
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, defaults.DB_RETRY_MAX_SECONDS)
+
+    def _write(self, fn: Callable[[sa.Connection, datetime], T]) -> T:
+        """One read-write transaction that changes the queue: notify, commit, then wake."""
+
+        def attempt() -> T:
+            with self.store.write() as conn:
+                out = fn(conn, self.now())
+                self.store.notify(conn)
+            return out
+
+        out = self._retrying(attempt)
+        self.signal.fire()
+        return out
+
+    def _read(self, fn: Callable[[sa.Connection], T]) -> T:
+        def attempt() -> T:
+            with self.store.read() as conn:
+                return fn(conn)
+
+        return self._retrying(attempt)
+
+    # -- submit --------------------------------------------------------------------------
+
+    def submit(self, action: str, params: Mapping[str, Any] | None = None, **spec: Any) -> Task:
+        """Submit one task; keyword arguments are the fields of `TaskSpec`."""
+        by = spec.pop("created_by", None)
+        return self.submit_many([TaskSpec(action, params or {}, **spec)], created_by=by)[0]
+
+    def submit_group(
+        self,
+        specs: Sequence[TaskSpec],
+        *,
+        name: str | None = None,
+        group_id: uuid.UUID | None = None,
+        created_by: str | None = None,
+    ) -> tuple[Group, builtins.list[Task]]:
+        """Submit tasks as one command (a group), in one transaction."""
+        gid = group_id or uuid.uuid4()
+        tasks = self.submit_many(specs, group=(gid, name), created_by=created_by)
+        return self.group(gid), tasks
+
+    def submit_many(
+        self,
+        specs: Sequence[TaskSpec],
+        *,
+        group: tuple[uuid.UUID, str | None] | None = None,
+        created_by: str | None = None,
+    ) -> builtins.list[Task]:
+        """Submit tasks with edges among them and to existing tasks, all or nothing.
+
+        Resubmitting a task id with the same content returns the existing task; with
+        different content it raises `Conflict`. Ids are fixed before the first attempt, so
+        a retry after a lost connection cannot create a task twice.
+        """
+        prepared = prepare(specs, self.registry)
+        group_id = group[0] if group else None
+
+        def write(conn: sa.Connection, now: datetime) -> builtins.list[Task]:
+            ids = [p.id for p in prepared]
+            existing = {t.id: t for t in self.store.get_many(conn, ids)}
+            for p in prepared:
+                if p.id in existing:
+                    diff = p.differences(existing[p.id], group_id)
+                    if diff:
+                        raise errors.Conflict(p.id, diff)
+            fresh = [p for p in prepared if p.id not in existing]
+            if not fresh:
+                return [existing[i] for i in ids]
+            inside = {p.id for p in prepared}
+            outside = {a for p in fresh for a in p.after if a not in inside}
+            states = self.store.states(conn, outside | set(existing))
+            for p in fresh:
+                for a in p.after:
+                    if a not in inside and a not in states:
+                        raise errors.UnknownPrerequisite(p.id, a)
+            if group:
+                self.store.insert_group(conn, group[0], group[1], created_by, now)
+            self.store.insert_tasks(
+                conn,
+                [_row(p, now, group_id, created_by, states, inside - set(existing)) for p in fresh],
+                [(p.id, a) for p in fresh for a in p.after],
+                [(p.id, k) for p in fresh for k in p.locks],
+            )
+            actor = created_by or self.actor
+            self.store.insert_events(
+                conn, ((p.id, None, State.NEW, "submitted") for p in fresh), actor, now
+            )
+            sunk = {a for p in fresh for a in p.after if states.get(a) in _SINKING}
+            self._cancel_dependents(conn, sunk, states, now, actor)
+            return self.store.get_many(conn, ids)
+
+        try:
+            return self._write(write)
+        except sa.exc.IntegrityError:
+            # Another submitter inserted one of these ids first: compare with what it wrote.
+            return self._write(write)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, task_id: uuid.UUID | str) -> Task:
+        """One task, with its prerequisites; `TaskNotFound` if there is none."""
+        tid = _uuid(task_id)
+        found = self._read(lambda conn: self.store.get_many(conn, [tid]))
+        if not found:
+            raise errors.TaskNotFound(tid)
+        return found[0]
+
+    def list(
+        self,
+        *,
+        state: State | str | Iterable[State | str] | None = None,
+        action: str | None = None,
+        group: uuid.UUID | str | None = None,
+        limit: int = defaults.LIST_LIMIT,
+        cursor: int | None = None,
+    ) -> Page:
+        """Tasks newest first, filtered by state(s), action or group, a page at a time."""
+        states = [State(s) for s in ([state] if isinstance(state, str | State) else state or [])]
+        if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
+            raise errors.ValidationError(
+                f"limit must be between 1 and {defaults.MAX_LIST_LIMIT}", field="limit"
+            )
+        gid = _uuid(group) if group else None
+        tasks, nxt = self._read(
+            lambda conn: self.store.list_tasks(
+                conn, states=states, action=action, group_id=gid, limit=limit, before=cursor
+            )
+        )
+        return Page(tasks, nxt)
+
+    def events(self, task_id: uuid.UUID | str) -> builtins.list[Event]:
+        """The task's transitions, oldest first."""
+        tid = _uuid(task_id)
+        self.get(tid)
+        return self._read(lambda conn: self.store.events(conn, tid))
+
+    def group(self, group_id: uuid.UUID | str) -> Group:
+        """A group with its derived state and counts."""
+        gid = _uuid(group_id)
+        found = self._read(lambda conn: self.store.group(conn, gid))
+        if found is None:
+            raise errors.GroupNotFound(gid)
+        return found
+
+    def counts(self) -> dict[State, int]:
+        """Number of tasks in each state."""
+        return self._read(self.store.counts)
+
+    def runnable(self, limit: int | None = None) -> builtins.list[Task]:
+        """Tasks runnable now, in dispatch order (the one runnable query, without claiming)."""
+        return self._read(lambda conn: self.store.runnable(conn, self.now(), limit))
+
+    def why(self, task_id: uuid.UUID | str) -> explain.Why:
+        """Why the task is not running (or what it is doing); see `explain`."""
+        task = self.get(task_id)
+        return self._read(lambda conn: explain.why(self.store, conn, task, self.now()))
+
+    def wait(
+        self,
+        task_ids: uuid.UUID | str | Sequence[uuid.UUID | str],
+        timeout: float | None = None,
+        on_change: Callable[[builtins.list[Task]], None] | None = None,
+    ) -> builtins.list[Task]:
+        """Block until every task is terminal; `WaitTimeout` after `timeout` seconds.
+
+        Woken by the queue's own changes and by other processes' commits (NOTIFY on
+        PostgreSQL, data_version on SQLite); a slow re-check covers a lost wake-up.
+        """
+        ids = (
+            [_uuid(task_ids)]
+            if isinstance(task_ids, str | uuid.UUID)
+            else [_uuid(t) for t in task_ids]
+        )
+        self._watcher.ensure_started()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: builtins.list[Task] | None = None
+        while True:
+            seen = self.signal.generation
+            tasks = self._read(lambda conn: self.store.get_many(conn, ids))
+            if len(tasks) != len(ids):
+                missing = next(i for i in ids if i not in {t.id for t in tasks})
+                raise errors.TaskNotFound(missing)
+            if on_change and tasks != last:
+                on_change(tasks)
+            last = tasks
+            if all(t.state in TERMINAL for t in tasks):
+                return tasks
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                busy = sum(t.state not in TERMINAL for t in tasks)
+                raise errors.WaitTimeout(
+                    f"{busy} of {len(ids)} tasks not finished after {timeout}s"
+                )
+            self.signal.wait(
+                seen,
+                min(left, defaults.SAFETY_POLL_SECONDS) if left else defaults.SAFETY_POLL_SECONDS,
+            )
+
+    # -- cancel, retry, collect --------------------------------------------------------
+
+    def cancel(
+        self, task_id: uuid.UUID | str, reason: str = "cancelled", *, actor: str | None = None
+    ) -> builtins.list[Task]:
+        """Cancel a `new` task and, transitively, its dependents; returns all cancelled."""
+        tid = _uuid(task_id)
+        who = actor or self.actor
+
+        def write(conn: sa.Connection, now: datetime) -> builtins.list[uuid.UUID]:
+            change = Change(
+                tid, {"error": {"type": "Cancelled", "message": reason}, "finished_at": now}, reason
+            )
+            moved = self.store.move(conn, Move.CANCEL, [change], now, who)
+            if tid in moved.refused:
+                raise _refused(tid, moved.refused[tid], Move.CANCEL)
+            return [tid, *self._cancel_dependents(conn, {tid}, {tid: State.CANCELLED}, now, who)]
+
+        ids = self._write(write)
+        return self._read(lambda conn: self.store.get_many(conn, ids))
+
+    def retry(self, task_id: uuid.UUID | str, *, actor: str | None = None) -> builtins.list[Task]:
+        """Send a failed or cancelled task back to `new`, reviving the dependents it sank."""
+        tid = _uuid(task_id)
+        who = actor or self.actor
+
+        def write(conn: sa.Connection, now: datetime) -> builtins.list[uuid.UUID]:
+            blocked = [
+                (pid, st)
+                for pid, _, st in self.store.prerequisite_states(conn, tid)
+                if st in _SINKING
+            ]
+            if blocked:
+                state = self.store.states(conn, [tid]).get(tid, State.NEW)
+                raise errors.InvalidTransition(
+                    tid,
+                    state,
+                    State.NEW,
+                    f"its prerequisite {blocked[0][0]} is {blocked[0][1]}; retry that first",
+                )
+            fresh = {
+                "attempt": 0,
+                "error": None,
+                "result": None,
+                "not_before": now,
+                "finished_at": None,
+                "owner": None,
+                "lease_until": None,
+                "deadline": None,
+                "collected_at": None,
+            }
+            moved = self.store.move(conn, Move.RETRY, [Change(tid, fresh, "retried")], now, who)
+            if tid in moved.refused:
+                raise _refused(tid, moved.refused[tid], Move.RETRY)
+            revived, frontier = [tid], [tid]
+            while frontier:
+                sunk = [
+                    dep
+                    for dep, pre in self.store.dependents(conn, frontier, State.CANCELLED)
+                    if _sunk_by(self.store.get_many(conn, [dep])[0], pre)
+                ]
+                frontier = list(
+                    self.store.move(
+                        conn,
+                        Move.RETRY,
+                        [Change(d, fresh, f"revived with prerequisite {tid}") for d in sunk],
+                        now,
+                        who,
+                    ).moved
+                )
+                revived += frontier
+            self.store.recount_pending(conn, revived, now)
+            return revived
+
+        ids = self._write(write)
+        return self._read(lambda conn: self.store.get_many(conn, ids))
+
+    def collect(self, task_id: uuid.UUID | str) -> Task:
+        """Mark a finished task's result as collected (retention may then prune it)."""
+        task = self.get(task_id)
+        if task.state not in TERMINAL:
+            raise errors.InvalidTransition(
+                task.id, task.state, "collected", "only finished tasks can be collected"
+            )
+        self._write(lambda conn, now: self.store.mark_collected(conn, task.id, now))
+        return self.get(task.id)
+
+    # -- the dispatcher's side ---------------------------------------------------------
+
+    def cycle(
+        self, owner: uuid.UUID, outcomes: Sequence[Outcome], claim: int, lease: float
+    ) -> Cycle:
+        """Record finished runs and claim new work in ONE transaction (one commit per cycle)."""
+        lease_td = timedelta(seconds=lease)
+
+        def write(conn: sa.Connection, now: datetime) -> Cycle:
+            refused = self._finish(conn, owner, outcomes, now)
+            claimed = self.store.claim(conn, owner, now, lease_td, claim) if claim else []
+            # Only an under-full claim needs to know when the next delayed task is due.
+            due = self.store.next_due(conn, now) if len(claimed) < claim else None
+            return Cycle(claimed, refused, due)
+
+        if not outcomes and not claim:
+            return Cycle([], {}, None)
+        return self._write(write)
+
+    def take_over(self, owner: uuid.UUID, limit: int, lease: float) -> builtins.list[Task]:
+        """Adopt up to `limit` tasks whose dispatcher's lease expired (it died)."""
+
+        def write(conn: sa.Connection, now: datetime) -> builtins.list[Task]:
+            orphans = self.store.expired(conn, now, limit)
+            changes = [
+                Change(
+                    o.id,
+                    {"owner": owner, "lease_until": now + timedelta(seconds=lease)},
+                    f"taken over from dispatcher {o.owner}, whose lease expired at "
+                    f"{o.lease_until:%H:%M:%S}",
+                )
+                for o in orphans
+            ]
+            moved = self.store.move(conn, Move.TAKE_OVER, changes, now, f"dispatcher:{owner}")
+            return self.store.get_many(conn, list(moved.moved))
+
+        return self._write(write) if limit > 0 else []
+
+    def renew(
+        self, owner: uuid.UUID, task_ids: Sequence[uuid.UUID], lease: float
+    ) -> set[uuid.UUID]:
+        """Heartbeat the dispatcher and extend its tasks' leases; returns the tasks still held."""
+
+        def write(conn: sa.Connection, now: datetime) -> set[uuid.UUID]:
+            self.store.heartbeat(conn, owner, now)
+            return self.store.renew_leases(conn, owner, task_ids, now + timedelta(seconds=lease))
+
+        return self._retrying(lambda: self._plain_write(write))
+
+    def register_dispatcher(self, info: Dispatcher) -> None:
+        """Announce a dispatcher, so `why` can tell whether anyone is there to run work."""
+        self._retrying(
+            lambda: self._plain_write(lambda conn, now: self.store.register_dispatcher(conn, info))
+        )
+
+    def dispatcher_stopped(self, owner: uuid.UUID, leftover: Sequence[uuid.UUID]) -> None:
+        """Mark a dispatcher stopped and hand its unfinished tasks to others at once."""
+
+        def write(conn: sa.Connection, now: datetime) -> None:
+            self.store.heartbeat(conn, owner, now, stopped=True)
+            self.store.renew_leases(conn, owner, leftover, now)
+
+        self._write(write)
+
+    def dispatchers(self) -> builtins.list[Dispatcher]:
+        """Dispatchers alive now (heartbeat recent, not stopped)."""
+        since = self.now() - timedelta(seconds=defaults.DISPATCHER_DEAD_AFTER_SECONDS)
+        return self._read(lambda conn: self.store.alive_dispatchers(conn, since))
+
+    def live_count(self) -> int:
+        """Tasks not yet finished (new, running or waiting)."""
+        return self._read(self.store.live_count)
+
+    def _plain_write(self, fn: Callable[[sa.Connection, datetime], T]) -> T:
+        """A write that changes no task state: no notification needed."""
+        with self.store.write() as conn:
+            return fn(conn, self.now())
+
+    def _finish(
+        self, conn: sa.Connection, owner: uuid.UUID, outcomes: Sequence[Outcome], now: datetime
+    ) -> dict[uuid.UUID, State | None]:
+        actor = f"dispatcher:{owner}"
+        done, later, failed = [], [], []
+        for o in outcomes:
+            ended = {"lease_until": None, "deadline": None}
+            if o.ok:
+                done.append(
+                    Change(
+                        o.task.id, {**ended, "result": o.result, "finished_at": now}, "completed"
+                    )
+                )
+                continue
+            error = {**(o.error or {}), "attempt": o.task.attempt}
+            text = f"attempt {o.task.attempt} failed: {error.get('message', '')}"
+            if o.permanent or o.task.attempt >= o.task.max_attempts:
+                failed.append(
+                    Change(o.task.id, {**ended, "error": error, "finished_at": now}, text)
+                )
+            else:
+                at = now + timedelta(seconds=backoff(o.task.attempt))
+                later.append(
+                    Change(
+                        o.task.id,
+                        {**ended, "error": error, "not_before": at, "owner": None},
+                        f"{text}; retry at {at:%H:%M:%S}",
+                    )
+                )
+        refused: dict[uuid.UUID, State | None] = {}
+        ended_ids: builtins.list[uuid.UUID] = []
+        for move, changes in (
+            (Move.COMPLETE, done),
+            (Move.RETRY_LATER, later),
+            (Move.FAIL, failed),
+        ):
+            moved = self.store.move(conn, move, changes, now, actor, owner=owner)
+            refused.update(moved.refused)
+            ended_ids += moved.moved
+            if move is Move.COMPLETE:
+                self.store.release_dependents(conn, list(moved.moved), now)
+            elif move is Move.FAIL:
+                self._cancel_dependents(conn, set(moved.moved), {}, now, actor)
+        locked = {o.task.id for o in outcomes if o.task.locks}
+        self.store.release_locks(conn, [i for i in ended_ids if i in locked])
+        return refused
+
+    def fail_running(
+        self, owner: uuid.UUID | None, failures: Mapping[uuid.UUID, Mapping[str, Any]]
+    ) -> set[uuid.UUID]:
+        """Fail running tasks now (timeouts, unknown actions); returns those failed."""
+
+        def write(conn: sa.Connection, now: datetime) -> set[uuid.UUID]:
+            changes = [
+                Change(
+                    tid,
+                    {"error": dict(err), "finished_at": now, "lease_until": None, "deadline": None},
+                    str(err.get("message", "failed")),
+                )
+                for tid, err in failures.items()
+            ]
+            moved = self.store.move(
+                conn, Move.FAIL, changes, now, f"dispatcher:{owner}", owner=owner
+            )
+            self.store.release_locks(conn, list(moved.moved))
+            self._cancel_dependents(conn, set(moved.moved), {}, now, f"dispatcher:{owner}")
+            return set(moved.moved)
+
+        return self._write(write)
+
+    def _cancel_dependents(
+        self,
+        conn: sa.Connection,
+        roots: set[uuid.UUID],
+        states: Mapping[uuid.UUID, State],
+        now: datetime,
+        actor: str,
+    ) -> builtins.list[uuid.UUID]:
+        """Cancel every `new` task downstream of `roots`, naming the prerequisite that sank it."""
+        if not roots:
+            return []
+        root_state = {r: states.get(r) or self.store.states(conn, [r])[r] for r in roots}
+        root_of = {r: r for r in roots}
+        cancelled: builtins.list[uuid.UUID] = []
+        frontier = list(roots)
+        while frontier:
+            changes, seen = [], set()
+            for dep, pre in self.store.dependents(conn, frontier, State.NEW):
+                if dep in seen:
+                    continue
+                seen.add(dep)
+                root = root_of[dep] = root_of[pre]
+                verb = "failed" if root_state[root] is State.FAILED else "was cancelled"
+                text = (
+                    f"prerequisite {pre} {verb}"
+                    if pre == root
+                    else f"prerequisite {pre} was cancelled because task {root} {verb}"
+                )
+                error = {
+                    "type": "PrerequisiteFailed",
+                    "message": text,
+                    "prerequisite": str(pre),
+                    "root": str(root),
+                }
+                changes.append(Change(dep, {"error": error, "finished_at": now}, text))
+            frontier = list(self.store.move(conn, Move.CANCEL, changes, now, actor).moved)
+            cancelled += frontier
+        return cancelled
+
+
+_SINKING = frozenset({State.FAILED, State.CANCELLED})
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retrying after failed attempt number `attempt`: exponential, jittered."""
+    base = min(
+        defaults.RETRY_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1), defaults.RETRY_BACKOFF_MAX_SECONDS
+    )
+    return base * random.uniform(1 - defaults.RETRY_JITTER, 1 + defaults.RETRY_JITTER)
+
+
+def _row(
+    p: Prepared,
+    now: datetime,
+    group_id: uuid.UUID | None,
+    by: str | None,
+    states: Mapping[uuid.UUID, State],
+    fresh_inside: set[uuid.UUID],
+) -> dict[str, Any]:
+    pending = sum(1 for a in p.after if a in fresh_inside or states.get(a) is not State.COMPLETE)
+    return {
+        "id": p.id,
+        "action": p.action,
+        "params": p.params,
+        "state": State.NEW,
+        "priority": p.priority,
+        "not_before": p.not_before or now,
+        "timeout": p.timeout,
+        "max_attempts": p.max_attempts,
+        "attempt": 0,
+        "locks": list(p.locks),
+        "group_id": group_id,
+        "created_by": by,
+        "created_at": now,
+        "updated_at": now,
+        "pending": pending,
+    }
+
+
+def _sunk_by(task: Task, prerequisite: uuid.UUID) -> bool:
+    return bool(task.error) and task.error.get("prerequisite") == str(prerequisite)  # type: ignore[union-attr]
+
+
+def _refused(tid: uuid.UUID, state: State | None, move: Move) -> errors.TaskomaticError:
+    if state is None:
+        return errors.TaskNotFound(tid)
+    hints = {
+        Move.CANCEL: "only new tasks can be cancelled",
+        Move.RETRY: "only failed or cancelled tasks can be retried",
+    }
+    wanted = State.CANCELLED if move is Move.CANCEL else State.NEW
+    return errors.InvalidTransition(tid, state, wanted, hints.get(move, ""))
+
+
+def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise errors.ValidationError(f"{value!r} is not a task id (a UUID)", field="id") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _database_error(exc: sa.exc.DBAPIError) -> errors.TaskomaticError:
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return errors.DatabaseUnavailable(f"database unavailable: {_first_line(exc.orig or exc)}")
+    if (isinstance(exc, sa.exc.ProgrammingError) and "does not exist" in str(exc)) or (
+        "no such table" in str(exc)
+    ):
+        return errors.SchemaError()
+    return errors.TaskomaticError(f"database error: {_first_line(exc.orig or exc)}")

@@ -1,0 +1,191 @@
+"""The tables, declared once; `taskomatic db schema > schema.sql` generates the checked-in DDL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
+
+from taskomatic.model import LIVE, State
+
+SCHEMA_VERSION = 1
+"""Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on both backends (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}; taskomatic stores UTC only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+STATES = ", ".join(f"'{s.value}'" for s in State)
+LIVE_STATES = ", ".join(f"'{s.value}'" for s in sorted(LIVE - {State.NEW}))
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+task_groups = sa.Table(
+    "task_groups",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.Text),
+    sa.Column("created_by", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+task_seq = sa.Sequence("tasks_seq", metadata=metadata)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    # Submission order: "older first" among equal priorities, and stable pagination.
+    sa.Column("seq", sa.BigInteger, task_seq, nullable=False, unique=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("params", JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("not_before", UTCDateTime, nullable=False),
+    sa.Column("timeout", sa.Float),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # Lock keys as submitted (immutable); task_locks holds the same keys for the lock join.
+    sa.Column("locks", JSON, nullable=False),
+    sa.Column("group_id", sa.Uuid, sa.ForeignKey("task_groups.id")),
+    sa.Column("result", JSON),
+    sa.Column("error", JSON),
+    sa.Column("created_by", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("owner", sa.Uuid),
+    sa.Column("lease_until", UTCDateTime),
+    sa.Column("deadline", UTCDateTime),
+    # Prerequisites not yet complete, maintained in the transaction that completes one.
+    sa.Column("pending", sa.Integer, nullable=False),
+    sa.Column("collected_at", UTCDateTime),
+    sa.CheckConstraint(f"state IN ({STATES})", name="tasks_state_valid"),
+    sa.CheckConstraint("pending >= 0", name="tasks_pending_nonnegative"),
+    sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name="tasks_attempts_valid"),
+)
+
+# The claim reads only this: live, unblocked tasks in dispatch order. History never enters it.
+sa.Index(
+    "tasks_ready",
+    tasks.c.priority.desc(),
+    tasks.c.seq,
+    postgresql_where=sa.text("state = 'new' AND pending = 0"),
+    sqlite_where=sa.text("state = 'new' AND pending = 0"),
+)
+# Lease takeover and timeouts read only tasks someone is running.
+sa.Index(
+    "tasks_leased",
+    tasks.c.lease_until,
+    postgresql_where=sa.text(f"state IN ({LIVE_STATES})"),
+    sqlite_where=sa.text(f"state IN ({LIVE_STATES})"),
+)
+# The next not_before among blocked-by-time tasks, so the dispatcher can set its timer.
+sa.Index(
+    "tasks_scheduled",
+    tasks.c.not_before,
+    postgresql_where=sa.text("state = 'new' AND pending = 0"),
+    sqlite_where=sa.text("state = 'new' AND pending = 0"),
+)
+sa.Index("tasks_state_seq", tasks.c.state, tasks.c.seq)
+sa.Index("tasks_group", tasks.c.group_id, postgresql_where=sa.text("group_id IS NOT NULL"))
+
+task_prerequisites = sa.Table(
+    "task_prerequisites",
+    metadata,
+    sa.Column("task_id", sa.Uuid, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("prerequisite_id", sa.Uuid, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.CheckConstraint("task_id <> prerequisite_id", name="task_prerequisites_no_self_edge"),
+)
+sa.Index("task_prerequisites_dependents", task_prerequisites.c.prerequisite_id)
+
+task_locks = sa.Table(
+    "task_locks",
+    metadata,
+    sa.Column("task_id", sa.Uuid, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+)
+
+# One row per lock key currently held; the primary key makes two holders impossible.
+held_locks = sa.Table(
+    "held_locks",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("task_id", sa.Uuid, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("since", UTCDateTime, nullable=False),
+)
+sa.Index("held_locks_task", held_locks.c.task_id)
+
+task_events = sa.Table(
+    "task_events",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("task_id", sa.Uuid, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("message", sa.Text),
+)
+sa.Index("task_events_task", task_events.c.task_id, task_events.c.id)
+
+dispatchers = sa.Table(
+    "dispatchers",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("hostname", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("workers", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=False),
+    sa.Column("stopped_at", UTCDateTime),
+)
+
+
+def postgresql_ddl() -> str:
+    """The PostgreSQL DDL of `metadata`, as checked in to `schema.sql`."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    parts = [
+        "-- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.",
+        f"-- Schema version {SCHEMA_VERSION}.",
+    ]
+    parts.append(str(CreateSequence(task_seq).compile(dialect=dialect)).strip() + ";")
+    for table in metadata.sorted_tables:
+        parts.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            parts.append(str(CreateIndex(index).compile(dialect=dialect)).strip() + ";")
+    return "\n\n".join(parts) + "\n"

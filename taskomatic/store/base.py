@@ -1,0 +1,618 @@
+"""Every SQL statement taskomatic runs, each a named method; backends override a few."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from taskomatic import errors
+from taskomatic import schema as s
+from taskomatic.model import TERMINAL, Dispatcher, Event, Group, Move, State, Task, sources, target
+
+t = s.tasks
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row to move: the task, the values to set besides its state, and the event text."""
+
+    task_id: uuid.UUID
+    values: Mapping[str, Any]
+    message: str
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What a guarded move did: the tasks it moved (with their old state) and those it could not."""
+
+    moved: dict[uuid.UUID, State]
+    refused: dict[uuid.UUID, State | None]
+
+
+class Store:
+    """SQL for both backends; a subclass per backend supplies the few dialect differences."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # -- connections ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A read-write transaction, committed on success."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """True for errors that retrying the whole transaction may cure (lost connection)."""
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+
+    def notify(self, conn: sa.Connection) -> None:
+        """Tell other processes, once this transaction commits, that the queue changed."""
+
+    def watch(self, stop: threading.Event, fire: Callable[[], None]) -> None:
+        """Call `fire` whenever another process commits a change, until `stop` is set."""
+        raise NotImplementedError
+
+    def _assign_seq(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """Give new task rows their submission order (PostgreSQL does it with a sequence)."""
+
+    def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
+        """INSERT … ON CONFLICT DO NOTHING for `table`."""
+        raise NotImplementedError
+
+    # -- schema --------------------------------------------------------------------------
+
+    def init_schema(self, now: datetime) -> int:
+        """Create missing tables and record the schema version (idempotent)."""
+        s.metadata.create_all(self.engine, checkfirst=True)
+        with self.write() as conn:
+            found = conn.execute(sa.select(s.schema_version.c.version)).scalars().all()
+            if not found:
+                conn.execute(
+                    s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
+                )
+            elif max(found) != s.SCHEMA_VERSION:
+                raise errors.SchemaError(
+                    f"database has schema version {max(found)}, this taskomatic expects "
+                    f"{s.SCHEMA_VERSION}"
+                )
+        return s.SCHEMA_VERSION
+
+    def schema_version(self) -> int | None:
+        """The recorded schema version, or None when `db init` has not run."""
+        if not sa.inspect(self.engine).has_table("schema_version"):
+            return None
+        with self.read() as conn:
+            return conn.execute(sa.select(sa.func.max(s.schema_version.c.version))).scalar()
+
+    # -- submit --------------------------------------------------------------------------
+
+    def insert_group(
+        self,
+        conn: sa.Connection,
+        group_id: uuid.UUID,
+        name: str | None,
+        by: str | None,
+        now: datetime,
+    ) -> None:
+        """Record a group unless it exists."""
+        conn.execute(
+            self._insert_ignoring_conflicts(s.task_groups),
+            [{"id": group_id, "name": name, "created_by": by, "created_at": now}],
+        )
+
+    def insert_tasks(
+        self,
+        conn: sa.Connection,
+        rows: list[dict[str, Any]],
+        edges: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        locks: Sequence[tuple[uuid.UUID, str]],
+    ) -> None:
+        """Insert new tasks with their prerequisite edges and lock keys."""
+        self._assign_seq(conn, rows)
+        conn.execute(t.insert(), rows)
+        if edges:
+            conn.execute(
+                s.task_prerequisites.insert(),
+                [{"task_id": a, "prerequisite_id": b} for a, b in edges],
+            )
+        if locks:
+            conn.execute(s.task_locks.insert(), [{"task_id": a, "key": k} for a, k in locks])
+
+    def insert_events(
+        self,
+        conn: sa.Connection,
+        events: Iterable[tuple[uuid.UUID, State | None, State, str]],
+        actor: str,
+        now: datetime,
+    ) -> None:
+        """Append transitions (task, from, to, message) to the audit trail."""
+        rows = [
+            {
+                "task_id": tid,
+                "from_state": src,
+                "to_state": dst,
+                "at": now,
+                "actor": actor,
+                "message": msg,
+            }
+            for tid, src, dst, msg in events
+        ]
+        if rows:
+            conn.execute(s.task_events.insert(), rows)
+
+    def states(self, conn: sa.Connection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, State]:
+        """The current state of each of `ids` that exists."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        rows = conn.execute(sa.select(t.c.id, t.c.state).where(t.c.id.in_(ids)))
+        return {r.id: State(r.state) for r in rows}
+
+    # -- the runnable query ----------------------------------------------------------------
+
+    @staticmethod
+    def runnable_query(now: datetime) -> sa.Select[Any]:
+        """THE definition of runnable: new, no incomplete prerequisite, due, no lock held.
+
+        `pending` counts incomplete prerequisites and is kept in the transaction that
+        completes one; `audit` proves it agrees with the prerequisite rows.
+        """
+        lock_held = (
+            sa.select(sa.literal(1))
+            .select_from(s.task_locks.join(s.held_locks, s.held_locks.c.key == s.task_locks.c.key))
+            .where(s.task_locks.c.task_id == t.c.id)
+        )
+        return (
+            sa.select(t)
+            .where(t.c.state == State.NEW, t.c.pending == 0, t.c.not_before <= now)
+            .where(~lock_held.exists())
+            .order_by(t.c.priority.desc(), t.c.seq)
+        )
+
+    def runnable(self, conn: sa.Connection, now: datetime, limit: int | None = None) -> list[Task]:
+        """Runnable tasks in dispatch order, without claiming them."""
+        return [Task.from_row(r) for r in conn.execute(self.runnable_query(now).limit(limit))]
+
+    def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
+        """When the next unblocked task's not_before passes (to set the dispatcher's timer)."""
+        return conn.execute(
+            sa.select(sa.func.min(t.c.not_before)).where(
+                t.c.state == State.NEW, t.c.pending == 0, t.c.not_before > now
+            )
+        ).scalar()
+
+    # -- claim -----------------------------------------------------------------------------
+
+    def claim(
+        self, conn: sa.Connection, owner: uuid.UUID, now: datetime, lease: timedelta, limit: int
+    ) -> list[Task]:
+        """Move up to `limit` runnable tasks to running for `owner`, taking their locks."""
+        claimed: list[Task] = []
+        while len(claimed) < limit:
+            query = self.runnable_query(now).limit(limit - len(claimed))
+            candidates = [
+                Task.from_row(r)
+                for r in conn.execute(query.with_for_update(skip_locked=True, of=t))
+            ]
+            chosen = [c for c in candidates if self._take_locks(conn, c, now)]
+            claimed += self._start(conn, owner, chosen, now, lease)
+            if len(chosen) == len(candidates):
+                break  # no lock conflict inside this batch: nothing more to find
+            # Candidates that lost a lock to one just chosen are now excluded by the
+            # runnable query itself (the lock is held); look again for others.
+        return claimed
+
+    def _take_locks(self, conn: sa.Connection, task: Task, now: datetime) -> bool:
+        """Hold all of the task's lock keys, or none of them."""
+        if not task.locks:
+            return True
+        keys = sorted(task.locks)
+        got = (
+            conn.execute(
+                self._insert_ignoring_conflicts(s.held_locks)
+                .values([{"key": k, "task_id": task.id, "since": now} for k in keys])
+                .returning(s.held_locks.c.key)
+            )
+            .scalars()
+            .all()
+        )
+        if len(got) == len(keys):
+            return True
+        self.release_locks(conn, [task.id])
+        return False
+
+    def _start(
+        self,
+        conn: sa.Connection,
+        owner: uuid.UUID,
+        tasks: list[Task],
+        now: datetime,
+        lease: timedelta,
+    ) -> list[Task]:
+        """new -> running for tasks already locked by this transaction."""
+        changes = [
+            Change(
+                c.id,
+                {
+                    "owner": owner,
+                    "lease_until": now + lease,
+                    "attempt": c.attempt + 1,
+                    "deadline": now + timedelta(seconds=c.timeout) if c.timeout else None,
+                    "started_at": now,
+                },
+                f"attempt {c.attempt + 1} of {c.max_attempts}",
+            )
+            for c in tasks
+        ]
+        self.move(conn, Move.CLAIM, changes, now, f"dispatcher:{owner}", lock=False)
+        return [
+            dataclasses.replace(
+                c,
+                state=State.RUNNING,
+                owner=owner,
+                attempt=c.attempt + 1,
+                lease_until=now + lease,
+                started_at=now,
+                updated_at=now,
+                deadline=ch.values["deadline"],
+            )
+            for c, ch in zip(tasks, changes, strict=True)
+        ]
+
+    # -- guarded moves -----------------------------------------------------------------
+
+    def move(
+        self,
+        conn: sa.Connection,
+        move: Move,
+        changes: Sequence[Change],
+        now: datetime,
+        actor: str,
+        owner: uuid.UUID | None = None,
+        lock: bool = True,
+    ) -> Moved:
+        """Apply `move` to each task still in a state (and with the owner) it allows.
+
+        The rows are locked first, so the check and the UPDATE see the same state; a task
+        found elsewhere is `refused`, never overwritten (a late rescuer must not undo a real
+        completion). Each moved task gets its event row in the same transaction.
+        """
+        if not changes:
+            return Moved({}, {})
+        allowed = sources(move)
+        query = sa.select(t.c.id, t.c.state, t.c.owner).where(
+            t.c.id.in_([c.task_id for c in changes])
+        )
+        found = {
+            r.id: (State(r.state), r.owner)
+            for r in conn.execute(query.with_for_update() if lock else query)
+        }
+        moved: dict[uuid.UUID, State] = {}
+        refused: dict[uuid.UUID, State | None] = {}
+        for change in changes:
+            state, row_owner = found.get(change.task_id, (None, None))
+            if state in allowed and (owner is None or row_owner == owner):
+                moved[change.task_id] = state
+            else:
+                refused[change.task_id] = state
+        todo = [c for c in changes if c.task_id in moved]
+        by_columns: dict[tuple[str, ...], list[Change]] = {}
+        for change in todo:
+            by_columns.setdefault(tuple(sorted(change.values)), []).append(change)
+        for columns, batch in by_columns.items():
+            # executemany cannot expand IN lists; spell the guard as ORs.
+            in_allowed = sa.or_(*(t.c.state == state for state in allowed))
+            stmt = t.update().where(t.c.id == sa.bindparam("b_id"), in_allowed)
+            if owner is not None:
+                stmt = stmt.where(t.c.owner == owner)
+            values: dict[str, Any] = {"updated_at": now, "state": sa.bindparam("b_state")}
+            values.update({col: sa.bindparam(f"b_{col}", type_=t.c[col].type) for col in columns})
+            conn.execute(
+                stmt.values(**values),
+                [
+                    {
+                        "b_id": c.task_id,
+                        "b_state": target(move, moved[c.task_id]),
+                        **{f"b_{k}": v for k, v in c.values.items()},
+                    }
+                    for c in batch
+                ],
+            )
+        self.insert_events(
+            conn,
+            (
+                (c.task_id, moved[c.task_id], target(move, moved[c.task_id]), c.message)
+                for c in todo
+            ),
+            actor,
+            now,
+        )
+        return Moved(moved, refused)
+
+    def release_locks(self, conn: sa.Connection, ids: Sequence[uuid.UUID]) -> None:
+        """Free the lock keys held by these tasks."""
+        if ids:
+            conn.execute(s.held_locks.delete().where(s.held_locks.c.task_id.in_(ids)))
+
+    def release_dependents(
+        self, conn: sa.Connection, completed: Sequence[uuid.UUID], now: datetime
+    ) -> None:
+        """Count the completion of `completed` in each dependent's `pending`."""
+        if not completed:
+            return
+        p = s.task_prerequisites
+        done_here = (
+            sa.select(sa.func.count())
+            .where(p.c.task_id == t.c.id, p.c.prerequisite_id.in_(completed))
+            .scalar_subquery()
+        )
+        dependents = sa.select(p.c.task_id).where(p.c.prerequisite_id.in_(completed))
+        conn.execute(
+            t.update()
+            .where(t.c.id.in_(dependents), t.c.state == State.NEW)
+            .values(pending=t.c.pending - done_here, updated_at=now)
+        )
+
+    def dependents(
+        self, conn: sa.Connection, ids: Sequence[uuid.UUID], state: State
+    ) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(dependent, prerequisite) edges from `ids` to dependents now in `state`."""
+        if not ids:
+            return []
+        p = s.task_prerequisites
+        rows = conn.execute(
+            sa.select(p.c.task_id, p.c.prerequisite_id)
+            .join(t, t.c.id == p.c.task_id)
+            .where(p.c.prerequisite_id.in_(ids), t.c.state == state)
+            .order_by(t.c.seq)
+        )
+        return [(r.task_id, r.prerequisite_id) for r in rows]
+
+    def recount_pending(self, conn: sa.Connection, ids: Sequence[uuid.UUID], now: datetime) -> None:
+        """Recompute `pending` from the prerequisite rows (after a retry revives tasks)."""
+        if not ids:
+            return
+        conn.execute(
+            t.update()
+            .where(t.c.id.in_(ids))
+            .values(pending=_incomplete_prerequisites(), updated_at=now)
+        )
+
+    def mark_collected(self, conn: sa.Connection, task_id: uuid.UUID, now: datetime) -> None:
+        """Record that the caller has read a finished task's result."""
+        conn.execute(
+            t.update()
+            .where(t.c.id == task_id, t.c.state.in_(TERMINAL), t.c.collected_at.is_(None))
+            .values(collected_at=now)
+        )
+
+    # -- leases and dispatchers -----------------------------------------------------------
+
+    def renew_leases(
+        self, conn: sa.Connection, owner: uuid.UUID, ids: Sequence[uuid.UUID], until: datetime
+    ) -> set[uuid.UUID]:
+        """Extend the leases of tasks `owner` still holds; returns those renewed."""
+        if not ids:
+            return set()
+        rows = conn.execute(
+            t.update()
+            .where(t.c.id.in_(ids), t.c.owner == owner, t.c.state.in_(sources(Move.TAKE_OVER)))
+            .values(lease_until=until)
+            .returning(t.c.id)
+        )
+        return set(rows.scalars())
+
+    def expired(self, conn: sa.Connection, now: datetime, limit: int) -> list[Task]:
+        """Tasks whose dispatcher stopped renewing their lease, locked for takeover."""
+        query = (
+            sa.select(t)
+            .where(t.c.state.in_(sources(Move.TAKE_OVER)), t.c.lease_until < now)
+            .order_by(t.c.lease_until)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [Task.from_row(r) for r in conn.execute(query)]
+
+    def overdue(self, conn: sa.Connection, owner: uuid.UUID, now: datetime) -> list[uuid.UUID]:
+        """Running tasks of `owner` past their deadline."""
+        query = sa.select(t.c.id).where(
+            t.c.state == State.RUNNING, t.c.owner == owner, t.c.deadline < now
+        )
+        return list(conn.execute(query).scalars())
+
+    def register_dispatcher(self, conn: sa.Connection, d: Dispatcher) -> None:
+        """Announce a dispatcher (its heartbeat row)."""
+        conn.execute(s.dispatchers.insert().values(**dataclasses.asdict(d)))
+
+    def heartbeat(
+        self, conn: sa.Connection, dispatcher_id: uuid.UUID, now: datetime, stopped: bool = False
+    ) -> None:
+        """Record that a dispatcher is alive (or has stopped)."""
+        values: dict[str, Any] = {"heartbeat_at": now}
+        if stopped:
+            values["stopped_at"] = now
+        conn.execute(
+            s.dispatchers.update().where(s.dispatchers.c.id == dispatcher_id).values(values)
+        )
+
+    def alive_dispatchers(self, conn: sa.Connection, since: datetime) -> list[Dispatcher]:
+        """Dispatchers with a heartbeat after `since` that have not stopped."""
+        d = s.dispatchers
+        rows = conn.execute(sa.select(d).where(d.c.heartbeat_at >= since, d.c.stopped_at.is_(None)))
+        return [Dispatcher.from_row(r) for r in rows]
+
+    def busy(self, conn: sa.Connection, owners: Sequence[uuid.UUID]) -> int:
+        """How many running tasks these dispatchers hold."""
+        if not owners:
+            return 0
+        query = sa.select(sa.func.count()).where(t.c.state == State.RUNNING, t.c.owner.in_(owners))
+        return int(conn.execute(query).scalar() or 0)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get_many(self, conn: sa.Connection, ids: Sequence[uuid.UUID]) -> list[Task]:
+        """Tasks by id (with prerequisites), in the order of `ids`; missing ones left out."""
+        if not ids:
+            return []
+        p = s.task_prerequisites
+        prereqs: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for r in conn.execute(sa.select(p).where(p.c.task_id.in_(ids))):
+            prereqs.setdefault(r.task_id, []).append(r.prerequisite_id)
+        rows = {r.id: r for r in conn.execute(sa.select(t).where(t.c.id.in_(ids)))}
+        return [Task.from_row(rows[i], tuple(sorted(prereqs.get(i, ())))) for i in ids if i in rows]
+
+    def list_tasks(
+        self,
+        conn: sa.Connection,
+        *,
+        states: Sequence[State] = (),
+        action: str | None = None,
+        group_id: uuid.UUID | None = None,
+        limit: int,
+        before: int | None = None,
+    ) -> tuple[list[Task], int | None]:
+        """A page of tasks, newest first; returns the cursor of the next page."""
+        query = sa.select(t).order_by(t.c.seq.desc()).limit(limit + 1)
+        if states:
+            query = query.where(t.c.state.in_(states))
+        if action:
+            query = query.where(t.c.action == action)
+        if group_id:
+            query = query.where(t.c.group_id == group_id)
+        if before is not None:
+            query = query.where(t.c.seq < before)
+        rows = list(conn.execute(query))
+        cursor = rows[limit - 1].seq if len(rows) > limit else None
+        return [Task.from_row(r) for r in rows[:limit]], cursor
+
+    def events(self, conn: sa.Connection, task_id: uuid.UUID) -> list[Event]:
+        """The timeline of one task, oldest first."""
+        e = s.task_events
+        rows = conn.execute(sa.select(e).where(e.c.task_id == task_id).order_by(e.c.id))
+        return [Event.from_row(r) for r in rows]
+
+    def group(self, conn: sa.Connection, group_id: uuid.UUID) -> Group | None:
+        """A group with its task counts by state."""
+        g = conn.execute(sa.select(s.task_groups).where(s.task_groups.c.id == group_id)).first()
+        if g is None:
+            return None
+        counts = conn.execute(
+            sa.select(t.c.state, sa.func.count())
+            .where(t.c.group_id == group_id)
+            .group_by(t.c.state)
+        )
+        return Group(g.id, g.name, g.created_by, g.created_at, {State(st): n for st, n in counts})
+
+    def live_count(self, conn: sa.Connection) -> int:
+        """Tasks not yet finished."""
+        query = sa.select(sa.func.count()).where(
+            t.c.state.in_([State.NEW, State.RUNNING, State.WAITING])
+        )
+        return int(conn.execute(query).scalar() or 0)
+
+    def counts(self, conn: sa.Connection) -> dict[State, int]:
+        """Number of tasks in each state."""
+        rows = conn.execute(sa.select(t.c.state, sa.func.count()).group_by(t.c.state))
+        return {State(st): n for st, n in rows}
+
+    def prerequisite_states(
+        self, conn: sa.Connection, task_id: uuid.UUID
+    ) -> list[tuple[uuid.UUID, str, State]]:
+        """(id, action, state) of each prerequisite of a task."""
+        p = s.task_prerequisites
+        rows = conn.execute(
+            sa.select(t.c.id, t.c.action, t.c.state)
+            .join(p, p.c.prerequisite_id == t.c.id)
+            .where(p.c.task_id == task_id)
+            .order_by(t.c.seq)
+        )
+        return [(r.id, r.action, State(r.state)) for r in rows]
+
+    def lock_holders(
+        self, conn: sa.Connection, keys: Sequence[str]
+    ) -> list[tuple[str, uuid.UUID, datetime, State]]:
+        """(key, holder, since, holder state) for each of `keys` that is held."""
+        if not keys:
+            return []
+        h = s.held_locks
+        rows = conn.execute(
+            sa.select(h.c.key, h.c.task_id, h.c.since, t.c.state)
+            .join(t, t.c.id == h.c.task_id)
+            .where(h.c.key.in_(keys))
+            .order_by(h.c.key)
+        )
+        return [(r.key, r.task_id, r.since, State(r.state)) for r in rows]
+
+    def audit(self, conn: sa.Connection) -> list[str]:
+        """Invariant violations (empty when healthy): the fast paths agree with the rows."""
+        problems = []
+        wrong_pending = conn.execute(
+            sa.select(t.c.id, t.c.pending, _incomplete_prerequisites().label("real")).where(
+                t.c.state == State.NEW
+            )
+        )
+        problems += [
+            f"task {r.id}: pending={r.pending} but {r.real} prerequisites are incomplete"
+            for r in wrong_pending
+            if r.pending != r.real
+        ]
+        stale_locks = conn.execute(
+            sa.select(s.held_locks.c.key, t.c.id, t.c.state)
+            .join(t, t.c.id == s.held_locks.c.task_id)
+            .where(t.c.state.not_in([State.RUNNING, State.WAITING]))
+        )
+        problems += [f"lock {r.key} held by task {r.id}, which is {r.state}" for r in stale_locks]
+        return problems
+
+
+def _incomplete_prerequisites() -> sa.ScalarSelect[Any]:
+    """Correlated count of a task's prerequisites that are not complete."""
+    p, pt = s.task_prerequisites, t.alias("pt")
+    return (
+        sa.select(sa.func.count())
+        .select_from(p.join(pt, pt.c.id == p.c.prerequisite_id))
+        .where(p.c.task_id == t.c.id, pt.c.state != State.COMPLETE)
+        .scalar_subquery()
+    )
+
+
+def open_store(url: str, **engine_kwargs: Any) -> Store:
+    """The store for `url`: PostgreSQL through psycopg 3, or SQLite."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise errors.ValidationError(f"not a database URL: {url!r}", field="database_url") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        from taskomatic.store.sqlite import SQLiteStore
+
+        return SQLiteStore.from_url(parsed, **engine_kwargs)
+    if backend == "postgresql":
+        from taskomatic.store.postgres import PostgresStore
+
+        return PostgresStore.from_url(parsed, **engine_kwargs)
+    raise errors.ValidationError(
+        f"unsupported database {backend!r}: use postgresql://… or sqlite:///…",
+        field="database_url",
+    )

@@ -1,0 +1,105 @@
+"""The bounded pool of worker threads, and how one run of an action becomes an Outcome."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue as stdqueue
+import threading
+import traceback
+from collections.abc import Callable
+
+from taskomatic import errors
+from taskomatic.actions.registry import Check, Context, Registry
+from taskomatic.model import Task
+from taskomatic.queue import Outcome
+
+log = logging.getLogger(__name__)
+
+
+def execute(registry: Registry, task: Task, ctx: Context, recovered: bool) -> Outcome:
+    """Run the task's action; after a takeover, first `check` what really happened."""
+    try:
+        action = registry.get(task.action)
+    except errors.UnknownAction:
+        return _failure(
+            task,
+            "UnknownAction",
+            f"action {task.action!r} is not registered in this dispatcher; start it "
+            "with --actions MODULE, then retry the task",
+            permanent=True,
+        )
+    try:
+        if recovered and action.check is not None:
+            found = action.check(ctx)
+            if found.status == Check.DONE:
+                return _success(task, found.result)
+            if found.status == Check.DIVERGED:
+                return _failure(task, "Diverged", found.message, permanent=True)
+        return _success(task, action.run(ctx))
+    except errors.ActionFailed as exc:
+        return _failure(task, type(exc).__name__, exc.message, permanent=True)
+    except Exception as exc:
+        where = "".join(traceback.format_exception(exc)[-3:])[-2000:]
+        return _failure(task, type(exc).__name__, str(exc) or type(exc).__name__, traceback=where)
+
+
+def _success(task: Task, result: object) -> Outcome:
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        return _failure(
+            task, "BadResult", f"action returned a result that is not JSON: {exc}", permanent=True
+        )
+    return Outcome(task, True, result=result)
+
+
+def _failure(
+    task: Task, kind: str, message: str, permanent: bool = False, traceback: str | None = None
+) -> Outcome:
+    error: dict[str, object] = {"type": kind, "message": message}
+    if traceback:
+        error["traceback"] = traceback
+    return Outcome(task, False, error=error, permanent=permanent)
+
+
+class WorkerPool:
+    """`size` threads running actions; finished runs are collected with `drain()`."""
+
+    def __init__(self, size: int, registry: Registry, on_done: Callable[[], None]) -> None:
+        if size < 1:
+            raise errors.ValidationError("a dispatcher needs at least one worker", field="workers")
+        self.size = size
+        self._registry = registry
+        self._on_done = on_done
+        self._jobs: stdqueue.SimpleQueue[tuple[Task, Context, bool] | None] = stdqueue.SimpleQueue()
+        self._done: collections.deque[Outcome] = collections.deque()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"taskomatic-worker-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, task: Task, ctx: Context, recovered: bool = False) -> None:
+        self._jobs.put((task, ctx, recovered))
+
+    def drain(self) -> list[Outcome]:
+        """Outcomes finished since the last call."""
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            task, ctx, recovered = job
+            outcome = execute(self._registry, task, ctx, recovered)
+            self._done.append(outcome)
+            self._on_done()
+
+    def stop(self) -> None:
+        """Let idle threads exit; busy ones finish their action first (they are daemons)."""
+        for _ in self._threads:
+            self._jobs.put(None)

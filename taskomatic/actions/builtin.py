@@ -6,15 +6,20 @@ import time
 from typing import Any
 
 from taskomatic import errors
-from taskomatic.actions.registry import Context, Param, action
+from taskomatic.actions.registry import Context, Param, Registry
 
 
-@action("noop")
+def register(registry: Registry) -> None:
+    """Add the built-in actions to `registry` (every registry has them)."""
+    registry.action("noop")(noop)
+    registry.action("sleep", params={"seconds": Param(float, default=1.0)})(sleep)
+    registry.action("fail", params={"message": Param(str, default="failed on purpose")})(fail)
+
+
 def noop(ctx: Context) -> None:
     """Do nothing; measures the queue itself."""
 
 
-@action("sleep", params={"seconds": Param(float, default=1.0, help="how long to sleep")})
 def sleep(ctx: Context) -> dict[str, Any]:
     """Sleep for a while, stopping early if asked (timeout, shutdown)."""
     started = time.monotonic()
@@ -23,7 +28,6 @@ def sleep(ctx: Context) -> dict[str, Any]:
     return {"slept": round(time.monotonic() - started, 3)}
 
 
-@action("fail", params={"message": Param(str, default="failed on purpose")})
 def fail(ctx: Context) -> None:
     """Fail with the given message; for trying out retries and cancellation."""
     raise RuntimeError(ctx.params["message"])

@@ -146,8 +146,12 @@ class Action:
 class Registry:
     """Actions by name; the dispatcher runs them and the queue validates against them."""
 
-    def __init__(self) -> None:
+    def __init__(self, builtins: bool = True) -> None:
         self._actions: dict[str, Action] = {}
+        if builtins:
+            from taskomatic.actions import builtin
+
+            builtin.register(self)
 
     def action(
         self,

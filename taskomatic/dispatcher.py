@@ -108,6 +108,7 @@ class Dispatcher:
         due: datetime | None = None
         while not self._stop.is_set():
             seen = signal.generation  # read BEFORE looking, so no change slips between
+            own = signal.fired_here()
             now = time.monotonic()
             try:
                 if now >= next_poll:
@@ -138,8 +139,8 @@ class Dispatcher:
             pending = []
             for task in result.claimed:
                 self._start(task, recovered=False)
-            if result.claimed:
-                continue  # more may be runnable; look again before sleeping
+            # Our own commits need not wake us; anyone else's still does.
+            seen = signal.absorb(seen, signal.fired_here() - own)
             due = result.next_due
             if until_empty and not self.running and self.queue.live_count() == 0:
                 return

@@ -74,7 +74,8 @@ class Queue:
         self.now = clock
         self.actor = actor
         self.signal = wakeup.Signal()
-        self._watcher = wakeup.Watcher(store, self.signal)
+        self.token = uuid.uuid4().hex[:16]  # marks our NOTIFYs, so we do not wake ourselves
+        self._watcher = wakeup.Watcher(store, self.signal, self.token)
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> Queue:
@@ -113,17 +114,23 @@ class Queue:
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, defaults.DB_RETRY_MAX_SECONDS)
 
-    def _write(self, fn: Callable[[sa.Connection, datetime], T]) -> T:
-        """One read-write transaction that changes the queue: notify, commit, then wake."""
+    def _write(
+        self, fn: Callable[[sa.Connection, datetime], T], changed: Callable[[T], bool] | None = None
+    ) -> T:
+        """One read-write transaction: notify (if `changed` says it changed anything), commit,
+        then wake this process's waiters."""
 
-        def attempt() -> T:
+        def attempt() -> tuple[T, bool]:
             with self.store.write() as conn:
                 out = fn(conn, self.now())
-                self.store.notify(conn)
-            return out
+                did = changed is None or changed(out)
+                if did:
+                    self.store.notify(conn, self.token)
+            return out, did
 
-        out = self._retrying(attempt)
-        self.signal.fire()
+        out, did = self._retrying(attempt)
+        if did:
+            self.signal.fire()
         return out
 
     def _read(self, fn: Callable[[sa.Connection], T]) -> T:
@@ -414,7 +421,7 @@ class Queue:
 
         if not outcomes and not claim:
             return Cycle([], {}, None)
-        return self._write(write)
+        return self._write(write, lambda c: bool(c.claimed) or len(c.refused) < len(outcomes))
 
     def take_over(self, owner: uuid.UUID, limit: int, lease: float) -> builtins.list[Task]:
         """Adopt up to `limit` tasks whose dispatcher's lease expired (it died)."""
@@ -433,7 +440,7 @@ class Queue:
             moved = self.store.move(conn, Move.TAKE_OVER, changes, now, f"dispatcher:{owner}")
             return self.store.get_many(conn, list(moved.moved))
 
-        return self._write(write) if limit > 0 else []
+        return self._write(write, bool) if limit > 0 else []
 
     def renew(
         self, owner: uuid.UUID, task_ids: Sequence[uuid.UUID], lease: float

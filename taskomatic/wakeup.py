@@ -20,6 +20,7 @@ class Signal:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._generation = 0
+        self._mine = threading.local()
 
     @property
     def generation(self) -> int:
@@ -29,7 +30,17 @@ class Signal:
     def fire(self) -> None:
         with self._cond:
             self._generation += 1
+            self._mine.count = self.fired_here() + 1
             self._cond.notify_all()
+
+    def fired_here(self) -> int:
+        """How often the calling thread has fired (a dispatcher ignores its own changes)."""
+        return getattr(self._mine, "count", 0)
+
+    def absorb(self, seen: int, own: int) -> int:
+        """`seen` moved past the calling thread's own `own` fires, if nobody else fired."""
+        with self._cond:
+            return self._generation if self._generation == seen + own else seen
 
     def wait(self, seen: int, timeout: float | None) -> bool:
         """Block until the generation differs from `seen`; False on timeout."""
@@ -40,9 +51,10 @@ class Signal:
 class Watcher:
     """A daemon thread turning other processes' commits into `Signal.fire()`."""
 
-    def __init__(self, store: Store, signal: Signal) -> None:
+    def __init__(self, store: Store, signal: Signal, token: str) -> None:
         self._store = store
         self._signal = signal
+        self._token = token
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -57,7 +69,7 @@ class Watcher:
 
     def _run(self) -> None:
         try:
-            self._store.watch(self._stop, self._signal.fire)
+            self._store.watch(self._stop, self._signal.fire, self._token)
         except Exception:
             log.exception("watching the database for changes failed; relying on polling")
 

@@ -66,11 +66,11 @@ class Store:
             return True
         return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
 
-    def notify(self, conn: sa.Connection) -> None:
+    def notify(self, conn: sa.Connection, sender: str) -> None:
         """Tell other processes, once this transaction commits, that the queue changed."""
 
-    def watch(self, stop: threading.Event, fire: Callable[[], None]) -> None:
-        """Call `fire` whenever another process commits a change, until `stop` is set."""
+    def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
+        """Call `fire` whenever someone other than `sender` commits a change, until `stop`."""
         raise NotImplementedError
 
     def _assign_seq(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:

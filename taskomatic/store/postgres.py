@@ -40,19 +40,20 @@ class PostgresStore(Store):
             return True
         return super().is_transient(exc)
 
-    def notify(self, conn: sa.Connection) -> None:
+    def notify(self, conn: sa.Connection, sender: str) -> None:
         # Delivered only when (and if) this transaction commits; identical payloads in one
-        # transaction collapse into one, so a batch costs one notification.
-        conn.execute(sa.select(sa.func.pg_notify(defaults.NOTIFY_CHANNEL, "")))
+        # transaction collapse into one, so a batch costs one notification. The payload is
+        # only the sender's token, so a process does not wake itself.
+        conn.execute(sa.select(sa.func.pg_notify(defaults.NOTIFY_CHANNEL, sender)))
 
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()
 
-    def watch(self, stop: threading.Event, fire: Callable[[], None]) -> None:
+    def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
         delay = defaults.DB_RETRY_BASE_SECONDS
         while not stop.is_set():
             try:
-                self._listen(stop, fire)
+                self._listen(stop, fire, sender)
             except psycopg.Error as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
                 stop.wait(delay)
@@ -60,15 +61,16 @@ class PostgresStore(Store):
             else:
                 delay = defaults.DB_RETRY_BASE_SECONDS
 
-    def _listen(self, stop: threading.Event, fire: Callable[[], None]) -> None:
+    def _listen(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
             conn.execute(f"LISTEN {defaults.NOTIFY_CHANNEL}")
             fire()  # whatever happened while we were not listening
             idle = 0.0
             while not stop.is_set():
-                got = sum(1 for _ in conn.notifies(timeout=0.5, stop_after=1))
+                got = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
                 if got:
-                    fire()
+                    if any(payload != sender for payload in got):
+                        fire()
                     idle = 0.0
                     continue
                 idle += 0.5

@@ -66,7 +66,9 @@ class SQLiteStore(Store):
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         return sqlite.insert(table).on_conflict_do_nothing()
 
-    def watch(self, stop: threading.Event, fire: Callable[[], None]) -> None:
+    def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
+        # data_version cannot tell who committed, so our own commits wake us too (at most
+        # once per poll interval): a spare cycle, never a lost wake-up.
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
             last = None

@@ -57,6 +57,7 @@ class Dispatcher:
         self.running: dict[uuid.UUID, _Running] = {}
         self.missed_wakeups = 0
         self._stop = threading.Event()
+        self._grace = defaults.SHUTDOWN_GRACE_SECONDS  # set by stop(), possibly before run()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -77,7 +78,6 @@ class Dispatcher:
 
     def run(self, until_empty: bool = False) -> None:
         """The dispatch loop; returns after `stop()` (or once no task is left, if asked)."""
-        self._grace = defaults.SHUTDOWN_GRACE_SECONDS
         self.queue.register_dispatcher(
             DispatcherRow(
                 self.id,
@@ -101,7 +101,7 @@ class Dispatcher:
     def _loop(self, until_empty: bool) -> None:
         signal = self.queue.signal
         now = time.monotonic()
-        next_renew = now + self.lease * defaults.LEASE_RENEW_FRACTION
+        next_renew = now + self._renew_interval()
         next_recovery = now  # start-up is recovery: the same sweep runs now and periodically
         next_poll = now + self.poll
         pending: list[Outcome] = []
@@ -119,7 +119,7 @@ class Dispatcher:
                     next_recovery = now + self.recovery
                 if now >= next_renew:
                     self._renew()
-                    next_renew = now + self.lease * defaults.LEASE_RENEW_FRACTION
+                    next_renew = now + self._renew_interval()
                 self._expire_overdue(now)
                 pending += self.pool.drain()
                 free = self.pool.size - len(self.running) + len(pending)
@@ -183,6 +183,11 @@ class Dispatcher:
             r.ctx.stop.set()  # a cooperative action stops; its late outcome will be refused
             log.warning("task %s timed out after %gs", r.task.id, r.task.timeout)
 
+    def _renew_interval(self) -> float:
+        """Leases are renewed well before they expire, and the heartbeat (same write) must
+        come often enough that `why` never takes a long-lease dispatcher for dead."""
+        return min(self.lease * defaults.LEASE_RENEW_FRACTION, defaults.HEARTBEAT_SECONDS)
+
     def _renew(self) -> None:
         mine = [tid for tid, r in self.running.items() if not r.ended]
         kept = self.queue.renew(self.id, mine, self.lease)
@@ -240,6 +245,9 @@ class Dispatcher:
                     "stopping with %d task(s) still running; other dispatchers will take them over",
                     len(leftover),
                 )
+            for tid in leftover:
+                # Another dispatcher re-runs it; a cooperative action must not go on alongside.
+                self.running[tid].ctx.stop.set()
             self.queue.dispatcher_stopped(self.id, leftover)
         except errors.TaskomaticError as exc:
             log.error("could not record the shutdown cleanly: %s", exc)

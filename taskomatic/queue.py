@@ -189,7 +189,7 @@ class Queue:
                 return [existing[i] for i in ids]
             inside = {p.id for p in prepared}
             outside = {a for p in fresh for a in p.after if a not in inside}
-            states = self.store.states(conn, outside | set(existing))
+            states = self.store.states(conn, outside | set(existing), share=True)
             for p in fresh:
                 for a in p.after:
                     if a not in inside and a not in states:
@@ -236,7 +236,7 @@ class Queue:
         cursor: int | None = None,
     ) -> Page:
         """Tasks newest first, filtered by state(s), action or group, a page at a time."""
-        states = [State(s) for s in ([state] if isinstance(state, str | State) else state or [])]
+        states = [_state(s) for s in ([state] if isinstance(state, str | State) else state or [])]
         if not 1 <= limit <= defaults.MAX_LIST_LIMIT:
             raise errors.ValidationError(
                 f"limit must be between 1 and {defaults.MAX_LIST_LIMIT}", field="limit"
@@ -388,6 +388,10 @@ class Queue:
                     ).moved
                 )
                 revived += frontier
+            # A revived task that has another failed or cancelled prerequisite would sit in
+            # new forever: it ends again at once, now naming that prerequisite.
+            still_sunk = self.store.prerequisites_in(conn, revived, _SINKING)
+            self._cancel_dependents(conn, still_sunk, {}, now, who)
             self.store.recount_pending(conn, revived, now)
             return revived
 
@@ -492,7 +496,10 @@ class Queue:
             if o.ok:
                 done.append(
                     Change(
-                        o.task.id, {**ended, "result": o.result, "finished_at": now}, "completed"
+                        o.task.id,
+                        # An earlier attempt's error stays in the events, not on a success.
+                        {**ended, "result": o.result, "error": None, "finished_at": now},
+                        "completed",
                     )
                 )
                 continue
@@ -597,8 +604,11 @@ _SINKING = frozenset({State.FAILED, State.CANCELLED})
 
 def backoff(attempt: int) -> float:
     """Seconds before retrying after failed attempt number `attempt`: exponential, jittered."""
+    # The exponent is capped: 2**1024 no longer converts to a float, and a task allowed that
+    # many attempts would otherwise crash the cycle that records its failure.
     base = min(
-        defaults.RETRY_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1), defaults.RETRY_BACKOFF_MAX_SECONDS
+        defaults.RETRY_BACKOFF_BASE_SECONDS * 2.0 ** min(attempt - 1, 64),
+        defaults.RETRY_BACKOFF_MAX_SECONDS,
     )
     return base * random.uniform(1 - defaults.RETRY_JITTER, 1 + defaults.RETRY_JITTER)
 
@@ -646,6 +656,16 @@ def _refused(tid: uuid.UUID, state: State | None, move: Move) -> errors.Taskomat
     return errors.InvalidTransition(tid, state, wanted, hints.get(move, ""))
 
 
+def _state(value: State | str) -> State:
+    try:
+        return State(value)
+    except ValueError:
+        known = ", ".join(st.value for st in State)
+        raise errors.ValidationError(
+            f"unknown state {value!r}; states are: {known}", field="state"
+        ) from None
+
+
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
@@ -660,10 +680,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _database_error(exc: sa.exc.DBAPIError) -> errors.TaskomaticError:
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-        return errors.DatabaseUnavailable(f"database unavailable: {_first_line(exc.orig or exc)}")
+    # Checked first: SQLite reports a missing table as an OperationalError too.
     if (isinstance(exc, sa.exc.ProgrammingError) and "does not exist" in str(exc)) or (
         "no such table" in str(exc)
     ):
         return errors.SchemaError()
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return errors.DatabaseUnavailable(f"database unavailable: {_first_line(exc.orig or exc)}")
     return errors.TaskomaticError(f"database error: {_first_line(exc.orig or exc)}")

@@ -12,6 +12,12 @@ from taskomatic import defaults, errors
 from taskomatic.actions.registry import Registry
 from taskomatic.model import Task
 
+INT_LIMIT = 2**31 - 1
+"""Largest priority or max_attempts: both are 32-bit integer columns on PostgreSQL (count)."""
+
+MAX_TIMEOUT_SECONDS = 10 * 365 * 24 * 3600.0
+"""Longest task timeout; beyond it a deadline no longer fits a timestamp (seconds)."""
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -126,20 +132,27 @@ def _prepare_one(
     after = tuple(dict.fromkeys(_ref(a, names) for a in spec.after))
     if tid in after:
         raise errors.CycleError([tid, tid])
-    if not isinstance(spec.priority, int) or isinstance(spec.priority, bool):
+    if not _is_int(spec.priority) or not -INT_LIMIT <= spec.priority <= INT_LIMIT:
         raise errors.ValidationError(
-            f"priority must be an integer, got {spec.priority!r}", field="priority"
+            f"priority must be an integer between {-INT_LIMIT} and {INT_LIMIT}, "
+            f"got {spec.priority!r}",
+            field="priority",
         )
-    if not isinstance(spec.max_attempts, int) or spec.max_attempts < 1:
+    if not _is_int(spec.max_attempts) or not 1 <= spec.max_attempts <= INT_LIMIT:
         raise errors.ValidationError(
-            f"max_attempts must be an integer of at least 1, got {spec.max_attempts!r}",
+            f"max_attempts must be an integer of at least 1 (at most {INT_LIMIT}), "
+            f"got {spec.max_attempts!r}",
             field="max_attempts",
         )
     if spec.timeout is not None and not (
-        isinstance(spec.timeout, int | float) and spec.timeout > 0
+        isinstance(spec.timeout, int | float)
+        and not isinstance(spec.timeout, bool)
+        and 0 < spec.timeout <= MAX_TIMEOUT_SECONDS
     ):
         raise errors.ValidationError(
-            f"timeout must be a positive number of seconds, got {spec.timeout!r}", field="timeout"
+            f"timeout must be a positive number of seconds (at most {MAX_TIMEOUT_SECONDS:g}), "
+            f"got {spec.timeout!r}",
+            field="timeout",
         )
     if spec.not_before is not None and spec.not_before.tzinfo is None:
         raise errors.ValidationError(
@@ -163,6 +176,10 @@ def _prepare_one(
         float(spec.timeout) if spec.timeout else None,
         spec.max_attempts,
     )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _task_id(spec: TaskSpec) -> uuid.UUID:

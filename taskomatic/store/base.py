@@ -161,12 +161,20 @@ class Store:
         if rows:
             conn.execute(s.task_events.insert(), rows)
 
-    def states(self, conn: sa.Connection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, State]:
-        """The current state of each of `ids` that exists."""
+    def states(
+        self, conn: sa.Connection, ids: Iterable[uuid.UUID], share: bool = False
+    ) -> dict[uuid.UUID, State]:
+        """The current state of each of `ids` that exists.
+
+        With `share`, the rows stay share-locked until commit: a transaction that counts on
+        these states (a new dependent's `pending`) is ordered with any that changes them,
+        so a prerequisite completing concurrently is never missed by both.
+        """
         ids = list(ids)
         if not ids:
             return {}
-        rows = conn.execute(sa.select(t.c.id, t.c.state).where(t.c.id.in_(ids)))
+        query = sa.select(t.c.id, t.c.state).where(t.c.id.in_(ids))
+        rows = conn.execute(query.with_for_update(read=True) if share else query)
         return {r.id: State(r.state) for r in rows}
 
     # -- the runnable query ----------------------------------------------------------------
@@ -393,6 +401,11 @@ class Store:
         """Recompute `pending` from the prerequisite rows (after a retry revives tasks)."""
         if not ids:
             return
+        # Share-lock the prerequisites first, so one completing concurrently is counted
+        # either by this recount or by its own release of these (now new) dependents.
+        p = s.task_prerequisites
+        prerequisites = sa.select(p.c.prerequisite_id).where(p.c.task_id.in_(ids))
+        conn.execute(sa.select(t.c.id).where(t.c.id.in_(prerequisites)).with_for_update(read=True))
         conn.execute(
             t.update()
             .where(t.c.id.in_(ids))
@@ -548,6 +561,21 @@ class Store:
             .order_by(t.c.seq)
         )
         return [(r.id, r.action, State(r.state)) for r in rows]
+
+    def prerequisites_in(
+        self, conn: sa.Connection, ids: Sequence[uuid.UUID], states: Iterable[State]
+    ) -> set[uuid.UUID]:
+        """The prerequisites of any of `ids` that are now in one of `states`."""
+        if not ids:
+            return set()
+        p = s.task_prerequisites
+        rows = conn.execute(
+            sa.select(p.c.prerequisite_id)
+            .join(t, t.c.id == p.c.prerequisite_id)
+            .where(p.c.task_id.in_(ids), t.c.state.in_(list(states)))
+            .distinct()
+        )
+        return set(rows.scalars())
 
     def lock_holders(
         self, conn: sa.Connection, keys: Sequence[str]

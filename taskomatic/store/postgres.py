@@ -16,6 +16,10 @@ from taskomatic.store.base import Store
 
 log = logging.getLogger(__name__)
 
+# How long one wait for notifications blocks: bounds how late the watcher sees `stop`, which
+# `Queue.close()` waits for (seconds).
+_SLICE = 0.1
+
 # Errors after which the whole transaction may simply be run again.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
@@ -67,13 +71,13 @@ class PostgresStore(Store):
             fire()  # whatever happened while we were not listening
             idle = 0.0
             while not stop.is_set():
-                got = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
+                got = [n.payload for n in conn.notifies(timeout=_SLICE, stop_after=1)]
                 if got:
                     if any(payload != sender for payload in got):
                         fire()
                     idle = 0.0
                     continue
-                idle += 0.5
+                idle += _SLICE
                 if idle >= defaults.LISTEN_PING_SECONDS:
                     conn.execute("SELECT 1")  # a half-open socket raises only when used
                     idle = 0.0

@@ -71,10 +71,11 @@ class SQLiteStore(Store):
         # once per poll interval): a spare cycle, never a lost wake-up.
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
-            last = None
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            fire()  # whatever was committed before the baseline above (as LISTEN does)
             while not stop.wait(defaults.SQLITE_DATA_VERSION_POLL_SECONDS):
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if last is not None and version != last:
+                if version != last:
                     fire()
                 last = version
         finally:

@@ -1,0 +1,332 @@
+"""The store's contract on both backends: invariants, the one runnable definition, the schema."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from helpers import (
+    OffsetClock,
+    assert_timelines_consistent,
+    audit,
+    claim,
+    complete,
+    fail,
+    held_locks,
+    open_queue,
+    run_to_completion,
+    run_to_failure,
+    running_dispatcher,
+)
+
+from taskomatic import Context, Queue, Registry, State, Task, TaskSpec, defaults, errors
+from taskomatic import schema as s
+from taskomatic.model import TERMINAL, Move
+from taskomatic.store.base import Change
+
+
+@pytest.fixture
+def clock() -> OffsetClock:
+    return OffsetClock()
+
+
+@pytest.fixture
+def queue(db_url: str, clock: OffsetClock) -> Iterator[Queue]:
+    with open_queue(db_url, clock=clock) as q:
+        yield q
+
+
+# -- invariants ------------------------------------------------------------------------------
+
+
+def test_audit_is_clean_after_a_mixed_workload(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chains, locks, failures, retries and cancellations leave every invariant intact."""
+    monkeypatch.setattr(defaults, "RETRY_BACKOFF_BASE_SECONDS", 0.02)
+    registry = Registry()
+    calls: dict[str, int] = {}
+    guard = threading.Lock()
+
+    @registry.action("flaky")
+    def flaky(ctx: Context) -> int:
+        with guard:
+            calls[str(ctx.task_id)] = calls.get(str(ctx.task_id), 0) + 1
+            if calls[str(ctx.task_id)] == 1:
+                raise RuntimeError("first attempt breaks")
+            return calls[str(ctx.task_id)]
+
+    with open_queue(db_url, registry=registry) as queue:
+        _, tasks = queue.submit_group(
+            [
+                TaskSpec("noop", name="a", locks=["vm:1"]),
+                TaskSpec("flaky", name="b", after=["a"], locks=["vm:1"], max_attempts=2),
+                TaskSpec("fail", name="c", after=["a"], locks=["vm:2"]),
+                TaskSpec("noop", name="d", after=["b", "c"]),
+                TaskSpec("noop", name="e", after=["d"], locks=["vm:1", "vm:2"]),
+                TaskSpec("sleep", {"seconds": 0.01}, name="f", locks=["vm:2"]),
+                TaskSpec("noop", name="g", after=["f"]),
+            ],
+            name="mixed",
+        )
+        doomed = queue.submit("noop")
+        doomed_dependent = queue.submit("noop", after=[doomed.id])
+        queue.cancel(doomed.id)
+        later = queue.submit("noop", not_before=queue.now() + timedelta(hours=1))
+        chain = queue.submit_many(
+            [TaskSpec("flaky", name="h", max_attempts=1), TaskSpec("noop", after=["h"])]
+        )
+        ids = [t.id for t in [*tasks, doomed, doomed_dependent, later, *chain]]
+        finished = [i for i in ids if i != later.id]
+        with running_dispatcher(queue, workers=3):
+            queue.wait(finished, timeout=20)
+            assert audit(queue) == []
+            queue.retry(chain[0].id)  # failed once: runs again and succeeds, with its dependent
+            queue.retry(doomed.id)
+            queue.wait(finished, timeout=20)
+        states = {t.id: t.state for t in queue.wait(finished, timeout=1)}
+        assert audit(queue) == []
+        assert held_locks(queue) == {}
+        assert_timelines_consistent(queue, ids)
+        a, b, c, d, e, f, g = tasks
+        assert [states[t.id] for t in (a, b, c, d, e, f, g)] == [
+            State.COMPLETE,
+            State.COMPLETE,
+            State.FAILED,
+            State.CANCELLED,
+            State.CANCELLED,
+            State.COMPLETE,
+            State.COMPLETE,
+        ]
+        assert all(states[t.id] is State.COMPLETE for t in chain)
+        assert states[doomed.id] is State.COMPLETE and states[doomed_dependent.id] is State.COMPLETE
+        assert queue.get(later.id).state is State.NEW
+        assert queue.group(tasks[0].group_id or uuid.uuid4()).state == "failed"
+
+
+def test_audit_reports_broken_invariants(queue: Queue) -> None:
+    """The audit is not vacuous: a wrong pending count and a stale lock are both reported."""
+    a = queue.submit("noop", locks=["vm:x"])
+    b = queue.submit("noop", after=[a.id])
+    run_to_completion(queue, a)
+    assert audit(queue) == []
+    with queue.store.write() as conn:
+        conn.execute(s.tasks.update().where(s.tasks.c.id == b.id).values(pending=1))
+        conn.execute(s.held_locks.insert().values(key="vm:x", task_id=a.id, since=queue.now()))
+    problems = audit(queue)
+    assert f"task {b.id}: pending=1 but 0 prerequisites are incomplete" in problems
+    assert f"lock vm:x held by task {a.id}, which is complete" in problems
+
+
+# -- the one runnable definition -------------------------------------------------------------
+
+
+def _definitely_runnable(queue: Queue) -> list[uuid.UUID]:
+    """Runnable by the words of DESIGN.md, computed in Python from the rows, in dispatch order."""
+    everything: list[Task] = []
+    cursor = None
+    while True:
+        page = queue.list(limit=100, cursor=cursor)
+        everything += page.tasks
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    state = {t.id: t.state for t in everything}
+    held = set(held_locks(queue))
+    now = queue.now()
+    oldest_first = everything[::-1]
+    runnable = [
+        t
+        for t in oldest_first
+        if t.state is State.NEW
+        and all(state[p] is State.COMPLETE for p in queue.get(t.id).prerequisites)
+        and t.not_before <= now
+        and not held & set(t.locks)
+    ]
+    return [t.id for t in sorted(runnable, key=lambda t: -t.priority)]  # stable: age kept
+
+
+def test_runnable_agrees_with_the_definition(queue: Queue, clock: OffsetClock) -> None:
+    """Over a graph with every kind of blocker, the runnable query is exactly the definition."""
+    owner = uuid.uuid4()
+    done = queue.submit("noop", priority=100)
+    run_to_completion(queue, done)
+    failed = queue.submit("noop", priority=100)
+    run_to_failure(queue, failed)
+    holder = queue.submit("noop", locks=["vm:held"], priority=100)
+    (holder,) = claim(queue, owner)
+    busy = queue.submit("noop", priority=100)
+    (busy,) = claim(queue, owner)
+    retrying = queue.submit("noop", max_attempts=2, priority=100)
+    fail(queue, owner, claim(queue, owner)[0])  # back to new, with a backoff in not_before
+
+    free = queue.submit("noop")
+    after_done = queue.submit("noop", after=[done.id], priority=3)
+    queue.submit("noop", after=[free.id])  # prerequisite new
+    queue.submit("noop", after=[busy.id])  # prerequisite running
+    queue.submit("noop", after=[done.id, busy.id])  # one of two incomplete
+    later = queue.submit("noop", not_before=clock() + timedelta(minutes=5))
+    queue.submit("noop", locks=["vm:held"])  # lock held by a running task
+    queue.submit("noop", locks=["vm:free", "vm:held"])  # one of its locks held
+    shared_1 = queue.submit("noop", locks=["vm:shared"])  # shared but not held: both runnable
+    shared_2 = queue.submit("noop", locks=["vm:shared"], priority=3)
+    urgent = queue.submit("noop", priority=7)
+    queue.cancel(queue.submit("noop", priority=9).id)
+
+    expected = [urgent.id, after_done.id, shared_2.id, free.id, shared_1.id]
+    assert _definitely_runnable(queue) == expected
+    assert [t.id for t in queue.runnable()] == expected
+    assert [t.id for t in queue.runnable(limit=2)] == expected[:2]
+
+    # Time passes: the delayed and the retrying task join, in their places.
+    clock.advance(600)
+    assert [t.id for t in queue.runnable()] == _definitely_runnable(queue)
+    assert {later.id, retrying.id} <= {t.id for t in queue.runnable()}
+
+    # The holder ends and frees its key. The claim then takes the runnable tasks in that
+    # same order, except one that would share a key with a task this claim already took.
+    complete(queue, owner, holder)
+    runnable = _definitely_runnable(queue)
+    assert [t.id for t in queue.runnable()] == runnable
+    expected_claim: list[uuid.UUID] = []
+    taken: set[str] = set()
+    for tid in runnable:
+        keys = set(queue.get(tid).locks)
+        if not keys & taken:
+            expected_claim.append(tid)
+            taken |= keys
+    assert len(expected_claim) < len(runnable), "the graph should exercise a lock conflict"
+    assert [t.id for t in claim(queue, owner, 50)] == expected_claim
+    assert audit(queue) == []
+
+
+def test_claim_takes_runnable_tasks_in_dispatch_order(queue: Queue) -> None:
+    """The dispatch path claims the head of the runnable query, in its order."""
+    tasks = [queue.submit("noop", priority=p) for p in (1, 5, 1, 9, 0)]
+    order = [t.id for t in queue.runnable()]
+    assert order == [tasks[i].id for i in (3, 1, 0, 2, 4)]
+    owner = uuid.uuid4()
+    assert [t.id for t in claim(queue, owner, 2)] == order[:2]
+    assert [t.id for t in queue.runnable()] == order[2:]
+    assert [t.id for t in claim(queue, owner, 10)] == order[2:]
+    assert claim(queue, owner, 10) == []
+
+
+def test_concurrent_claimers_never_share_a_task(db_url: str) -> None:
+    """Four dispatchers claiming at once get disjoint sets that cover every task."""
+    with open_queue(db_url) as queue:
+        tasks = queue.submit_many([TaskSpec("noop") for _ in range(60)])
+    got: dict[int, list[uuid.UUID]] = {}
+    errors_seen: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def claimer(n: int) -> None:
+        try:
+            with open_queue(db_url) as mine:
+                owner = uuid.uuid4()
+                start.wait()
+                got[n] = []
+                while batch := claim(mine, owner, 4):
+                    got[n] += [t.id for t in batch]
+        except BaseException as exc:
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert errors_seen == []
+    everything = [tid for ids in got.values() for tid in ids]
+    assert sorted(everything) == sorted(t.id for t in tasks)
+    with open_queue(db_url) as queue:
+        assert queue.counts() == {State.RUNNING: 60}
+        for tid in everything[:5]:
+            assert [e.to_state for e in queue.events(tid)] == [State.NEW, State.RUNNING]
+
+
+# -- guarded moves ------------------------------------------------------------------------------
+
+
+def test_guarded_moves_refuse_the_wrong_state_or_owner(queue: Queue) -> None:
+    """A move applies only from its source states and for the owner; refusals write nothing."""
+    owner, stranger = uuid.uuid4(), uuid.uuid4()
+    waiting = queue.submit("noop")
+    running = queue.submit("noop")
+    (claimed,) = claim(queue, owner)
+    assert claimed.id == waiting.id
+    now = queue.now()
+    events_before = len(queue.events(waiting.id)) + len(queue.events(running.id))
+    with queue.store.write() as conn:
+        moved = queue.store.move(
+            conn,
+            Move.COMPLETE,
+            [Change(waiting.id, {"result": 1}, "x"), Change(running.id, {"result": 2}, "y")],
+            now,
+            "test",
+            owner=stranger,
+        )
+    assert moved.moved == {}
+    assert moved.refused == {waiting.id: State.RUNNING, running.id: State.NEW}
+    assert len(queue.events(waiting.id)) + len(queue.events(running.id)) == events_before
+    with queue.store.write() as conn:
+        moved = queue.store.move(
+            conn,
+            Move.COMPLETE,
+            [Change(waiting.id, {"result": 1}, "done"), Change(uuid.uuid4(), {}, "ghost")],
+            now,
+            "test",
+            owner=owner,
+        )
+    assert moved.moved == {waiting.id: State.RUNNING}
+    assert list(moved.refused.values()) == [None]
+    assert queue.get(waiting.id).state is State.COMPLETE
+    assert queue.get(running.id).state is State.NEW
+
+
+# -- the schema ----------------------------------------------------------------------------------
+
+
+def test_schema_init_is_idempotent_and_records_the_version(queue: Queue) -> None:
+    """`db init` on an initialised database changes nothing and keeps the data."""
+    task = queue.submit("noop")
+    assert queue.init_db() == s.SCHEMA_VERSION
+    assert queue.init_db() == s.SCHEMA_VERSION
+    assert queue.store.schema_version() == s.SCHEMA_VERSION
+    with queue.store.read() as conn:
+        versions = conn.execute(sa.select(s.schema_version.c.version)).scalars().all()
+    assert versions == [s.SCHEMA_VERSION]
+    assert queue.get(task.id) == task
+
+
+def test_a_schema_from_another_version_is_refused(queue: Queue) -> None:
+    """A database written by a newer taskomatic is not silently used."""
+    with queue.store.write() as conn:
+        conn.execute(s.schema_version.insert().values(version=999, applied_at=queue.now()))
+    with pytest.raises(errors.SchemaError) as caught:
+        queue.init_db()
+    assert caught.value.message == (
+        f"database has schema version 999, this taskomatic expects {s.SCHEMA_VERSION}"
+    )
+
+
+def test_an_empty_database_has_no_schema_version(queue: Queue) -> None:
+    """Before `db init` the store says so, and init creates everything."""
+    s.metadata.drop_all(queue.store.engine)
+    assert queue.store.schema_version() is None
+    assert queue.init_db() == s.SCHEMA_VERSION
+    assert queue.store.schema_version() == s.SCHEMA_VERSION
+    assert queue.counts() == {}
+
+
+def test_finished_tasks_keep_their_results(queue: Queue) -> None:
+    """Terminal tasks, results and errors stay readable (retention is a policy, not a loss)."""
+    ok = run_to_completion(queue, queue.submit("noop"), result={"vm": "up"})
+    bad = run_to_failure(queue, queue.submit("noop"), "no such host")
+    assert queue.get(ok.id).result == {"vm": "up"}
+    assert queue.get(bad.id).error is not None
+    assert {t.state for t in queue.list().tasks} <= TERMINAL

@@ -15,6 +15,19 @@ CREATE TABLE dispatchers (
 	PRIMARY KEY (id)
 );
 
+CREATE TABLE hosts (
+	name TEXT NOT NULL, 
+	uri TEXT NOT NULL, 
+	state TEXT NOT NULL, 
+	capacity INTEGER, 
+	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	changed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (name), 
+	CONSTRAINT hosts_state CHECK (state IN ('active', 'maintenance')), 
+	CONSTRAINT hosts_capacity CHECK (capacity IS NULL OR capacity >= 0), 
+	UNIQUE (uri)
+);
+
 CREATE TABLE schema_version (
 	version INTEGER NOT NULL, 
 	applied_at TIMESTAMP WITH TIME ZONE NOT NULL, 

@@ -70,3 +70,25 @@ MAX_LIST_LIMIT = 1000
 
 MAX_ATTEMPTS = 1
 """Attempts of a task unless the submitter says otherwise (count)."""
+
+HOST_RETRY_BASE_SECONDS = 1.0
+"""First delay before re-opening a connection to a host that could not be reached (seconds)."""
+
+HOST_RETRY_MAX_SECONDS = 60.0
+"""Upper bound of the delay between connection attempts to an unreachable host (seconds)."""
+
+HOST_KEEPALIVE_SECONDS = 5
+"""Interval of libvirt keepalive messages on remote host connections (seconds)."""
+
+HOST_KEEPALIVE_COUNT = 3
+"""Unanswered keepalives after which a host connection counts as dead (count)."""
+
+HOST_ACTION_MAX_ATTEMPTS = 5
+"""Attempts of a libvirt action unless the submitter says otherwise; transient host faults
+are retried, permanent ones fail at once (count)."""
+
+VM_SHUTDOWN_TIMEOUT_SECONDS = 120.0
+"""How long vm.shutdown waits for the guest to power off before giving up or forcing (seconds)."""
+
+HOST_STATE_POLL_SECONDS = 0.2
+"""How often an action re-reads an object's state while waiting for it to change (seconds)."""

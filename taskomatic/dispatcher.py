@@ -16,6 +16,8 @@ from taskomatic.actions.registry import Context
 from taskomatic.model import Dispatcher as DispatcherRow
 from taskomatic.model import Task
 from taskomatic.queue import Outcome, Queue
+from taskomatic.virt.connections import Connections
+from taskomatic.virt.fleet import Fleet
 from taskomatic.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,11 @@ class Dispatcher:
         lease: float = defaults.LEASE_SECONDS,
         poll: float = defaults.SAFETY_POLL_SECONDS,
         recovery: float = defaults.RECOVERY_SECONDS,
+        fleet: Fleet | None = None,
     ) -> None:
         self.queue = queue
+        # Host connections outlive a dispatcher when the caller passes them (tests, embedding).
+        self.fleet = fleet or Fleet(queue.hosts, Connections())
         self.id = uuid.uuid4()
         self.lease = lease
         self.poll = poll
@@ -150,7 +155,7 @@ class Dispatcher:
             signal.wait(seen, max(timeout, 0.001))
 
     def _start(self, task: Task, recovered: bool) -> None:
-        ctx = Context(task.id, task.action, task.params, task.attempt)
+        ctx = Context(task.id, task.action, task.params, task.attempt, fleet=self.fleet)
         deadline = None
         if task.deadline is not None:
             deadline = time.monotonic() + (task.deadline - self.queue.now()).total_seconds()

@@ -156,7 +156,76 @@ class ActionImportError(TaskomaticError):
     code = "action_import"
 
 
-class ActionFailed(TaskomaticError):
+class ActionError(TaskomaticError):
+    """An action's run went wrong; `permanent` says whether another attempt could succeed.
+
+    `details` are recorded in the task's `error` beside the type and message.
+    """
+
+    code = "action_error"
+    permanent = False
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class ActionFailed(ActionError):
     """Raised by an action to fail its task at once, without further attempts."""
 
     code = "action_failed"
+    permanent = True
+
+
+class HostError(ActionError):
+    """libvirt refused or failed an operation on a host.
+
+    Carries libvirt's error code name (e.g. VIR_ERR_NO_DOMAIN), its error domain and message,
+    the host and the action; `permanent` is False for faults another attempt may not meet
+    (a lost connection, a timeout), which are retried with backoff.
+    """
+
+    code = "host_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        libvirt_code: str | None = None,
+        libvirt_domain: str | None = None,
+        transient: bool = False,
+        action: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            host=host,
+            libvirt_code=libvirt_code,
+            libvirt_domain=libvirt_domain,
+            action=action,
+        )
+        self.host = host
+        self.libvirt_code = libvirt_code
+        self.permanent = not transient
+
+
+class HostNotFound(TaskomaticError):
+    """No host is registered under this name; `taskomatic hosts list` shows them."""
+
+    code = "host_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no host named {name!r}; `taskomatic hosts list` shows the hosts")
+        self.name = name
+
+
+class HostConflict(TaskomaticError):
+    """A host with this name or URI exists with a different definition."""
+
+    code = "conflict"
+
+
+class NoHostAvailable(ActionError):
+    """No active host can take the work; hosts in maintenance or full are never chosen."""
+
+    code = "no_host"

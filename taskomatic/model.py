@@ -248,5 +248,40 @@ class Dispatcher:
         return cls(**{f: m[f] for f in cls.__dataclass_fields__})
 
 
+class HostState(enum.StrEnum):
+    """Whether new work may be placed on a host."""
+
+    ACTIVE = "active"
+    MAINTENANCE = "maintenance"
+
+
+@dataclass(frozen=True)
+class Host:
+    """A hypervisor taskomatic drives: its libvirt URI, state and capacity (most VMs)."""
+
+    name: str
+    uri: str
+    state: HostState
+    capacity: int | None
+    created_at: datetime
+    changed_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> Host:
+        m = row._mapping
+        values = {f: m[f] for f in cls.__dataclass_fields__}
+        return cls(**{**values, "state": HostState(values["state"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "uri": self.uri,
+            "state": self.state.value,
+            "capacity": self.capacity,
+            "created_at": _iso(self.created_at),
+            "changed_at": _iso(self.changed_at),
+        }
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None

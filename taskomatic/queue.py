@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import random
 import time
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from taskomatic import defaults, errors, explain, wakeup
 from taskomatic.actions.registry import Registry
 from taskomatic.actions.registry import registry as default_registry
+from taskomatic.hosts import Hosts
 from taskomatic.model import TERMINAL, Dispatcher, Event, Group, Move, State, Task
 from taskomatic.store.base import Change, Store, open_store
 from taskomatic.submission import Prepared, TaskSpec, prepare
@@ -85,6 +87,11 @@ class Queue:
     def close(self) -> None:
         self._watcher.stop()
         self.store.close()
+
+    @functools.cached_property
+    def hosts(self) -> Hosts:
+        """The hosts this queue's libvirt actions drive."""
+        return Hosts(self)
 
     def __enter__(self) -> Queue:
         return self

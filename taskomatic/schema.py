@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
-from taskomatic.model import LIVE, State
+from taskomatic.model import LIVE, HostState, State
 
 SCHEMA_VERSION = 1
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
@@ -37,6 +37,7 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 STATES = ", ".join(f"'{s.value}'" for s in State)
+HOST_STATES = ", ".join(f"'{s.value}'" for s in HostState)
 LIVE_STATES = ", ".join(f"'{s.value}'" for s in sorted(LIVE - {State.NEW}))
 
 metadata = sa.MetaData()
@@ -173,6 +174,19 @@ dispatchers = sa.Table(
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("heartbeat_at", UTCDateTime, nullable=False),
     sa.Column("stopped_at", UTCDateTime),
+)
+
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("uri", sa.Text, nullable=False, unique=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("capacity", sa.Integer),  # most VMs placed on the host; NULL: no limit
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("changed_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint(f"state IN ({HOST_STATES})", name="hosts_state"),
+    sa.CheckConstraint("capacity IS NULL OR capacity >= 0", name="hosts_capacity"),
 )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from taskomatic import defaults, errors
+from taskomatic import errors
 from taskomatic.actions.registry import Registry
 from taskomatic.model import Task
 
@@ -36,7 +36,7 @@ class TaskSpec:
     priority: int = 0
     not_before: datetime | None = None
     timeout: float | None = None
-    max_attempts: int = defaults.MAX_ATTEMPTS
+    max_attempts: int | None = None  # None: the action's default (most actions: 1)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
@@ -138,10 +138,11 @@ def _prepare_one(
             f"got {spec.priority!r}",
             field="priority",
         )
-    if not _is_int(spec.max_attempts) or not 1 <= spec.max_attempts <= INT_LIMIT:
+    attempts = action.max_attempts if spec.max_attempts is None else spec.max_attempts
+    if not _is_int(attempts) or not 1 <= attempts <= INT_LIMIT:
         raise errors.ValidationError(
             f"max_attempts must be an integer of at least 1 (at most {INT_LIMIT}), "
-            f"got {spec.max_attempts!r}",
+            f"got {attempts!r}",
             field="max_attempts",
         )
     if spec.timeout is not None and not (
@@ -174,7 +175,7 @@ def _prepare_one(
         spec.priority,
         spec.not_before,
         float(spec.timeout) if spec.timeout else None,
-        spec.max_attempts,
+        attempts,
     )
 
 

@@ -8,7 +8,7 @@ import logging
 import queue as stdqueue
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from taskomatic import errors
 from taskomatic.actions.registry import Check, Context, Registry
@@ -38,8 +38,10 @@ def execute(registry: Registry, task: Task, ctx: Context, recovered: bool) -> Ou
             if found.status == Check.DIVERGED:
                 return _failure(task, "Diverged", found.message, permanent=True)
         return _success(task, action.run(ctx))
-    except errors.ActionFailed as exc:
-        return _failure(task, type(exc).__name__, exc.message, permanent=True)
+    except errors.ActionError as exc:
+        return _failure(
+            task, type(exc).__name__, exc.message, permanent=exc.permanent, details=exc.details
+        )
     except Exception as exc:
         where = "".join(traceback.format_exception(exc)[-3:])[-2000:]
         return _failure(task, type(exc).__name__, str(exc) or type(exc).__name__, traceback=where)
@@ -56,9 +58,15 @@ def _success(task: Task, result: object) -> Outcome:
 
 
 def _failure(
-    task: Task, kind: str, message: str, permanent: bool = False, traceback: str | None = None
+    task: Task,
+    kind: str,
+    message: str,
+    permanent: bool = False,
+    traceback: str | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> Outcome:
     error: dict[str, object] = {"type": kind, "message": message}
+    error.update({k: v for k, v in (details or {}).items() if v is not None})
     if traceback:
         error["traceback"] = traceback
     return Outcome(task, False, error=error, permanent=permanent)

@@ -11,6 +11,10 @@ from taskomatic.actions.registry import Context, Param, Registry
 
 def register(registry: Registry) -> None:
     """Add the built-in actions to `registry` (every registry has them)."""
+    from taskomatic.actions import host, snapshot, storage, vm
+
+    for module in (vm, snapshot, storage, host):
+        module.register(registry)
     registry.action("noop")(noop)
     registry.action("sleep", params={"seconds": Param(float, default=1.0)})(sleep)
     registry.action("fail", params={"message": Param(str, default="failed on purpose")})(fail)

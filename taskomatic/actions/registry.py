@@ -8,9 +8,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from taskomatic import errors
+from taskomatic import defaults, errors
+
+if TYPE_CHECKING:
+    from taskomatic.virt.fleet import Fleet
 
 ENTRY_POINT_GROUP = "taskomatic.actions"
 _REQUIRED: Any = object()
@@ -37,6 +40,8 @@ class Param:
         return self.default is _REQUIRED
 
     def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.default is None  # an optional parameter may be given as null
         if isinstance(value, bool):
             return self.type is bool
         if self.type is float:
@@ -86,11 +91,21 @@ class Context:
     params: Mapping[str, Any]
     attempt: int
     stop: threading.Event = field(default_factory=threading.Event)
+    fleet: Fleet | None = None
 
     @property
     def stopping(self) -> bool:
         """True once the task timed out or the dispatcher is shutting down."""
         return self.stop.is_set()
+
+    @property
+    def hosts(self) -> Fleet:
+        """The hosts and their connections, for actions that drive hypervisors."""
+        if self.fleet is None:
+            raise errors.ActionFailed(
+                f"action {self.action!r} drives hosts, and this dispatcher has none configured"
+            )
+        return self.fleet
 
 
 RunFn = Callable[[Context], Any]
@@ -108,6 +123,7 @@ class Action:
     locks: LocksFn | None = None
     check: CheckFn | None = None
     help: str = ""
+    max_attempts: int = defaults.MAX_ATTEMPTS  # unless the submitter says otherwise
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; InvalidParams naming the first problem."""
@@ -160,6 +176,7 @@ class Registry:
         params: Mapping[str, Param | type] | None = None,
         locks: LocksFn | None = None,
         check: CheckFn | None = None,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
     ) -> Callable[[RunFn], RunFn]:
         """Decorator registering `fn(ctx)` as action `name`."""
 
@@ -168,7 +185,7 @@ class Registry:
                 k: v if isinstance(v, Param) else Param(v) for k, v in (params or {}).items()
             }
             doc = (fn.__doc__ or "").strip().splitlines()
-            self.add(Action(name, fn, declared, locks, check, doc[0] if doc else ""))
+            self.add(Action(name, fn, declared, locks, check, doc[0] if doc else "", max_attempts))
             return fn
 
         return decorate

@@ -15,7 +15,18 @@ import sqlalchemy as sa
 
 from taskomatic import errors
 from taskomatic import schema as s
-from taskomatic.model import TERMINAL, Dispatcher, Event, Group, Move, State, Task, sources, target
+from taskomatic.model import (
+    TERMINAL,
+    Dispatcher,
+    Event,
+    Group,
+    Host,
+    Move,
+    State,
+    Task,
+    sources,
+    target,
+)
 
 t = s.tasks
 
@@ -481,6 +492,31 @@ class Store:
             return 0
         query = sa.select(sa.func.count()).where(t.c.state == State.RUNNING, t.c.owner.in_(owners))
         return int(conn.execute(query).scalar() or 0)
+
+    # -- hosts ---------------------------------------------------------------------------
+
+    def hosts(self, conn: sa.Connection, names: Sequence[str] | None = None) -> list[Host]:
+        """Every host (or those named), by name."""
+        h = s.hosts
+        query = sa.select(h).order_by(h.c.name)
+        if names is not None:
+            query = query.where(h.c.name.in_(list(names)))
+        return [Host.from_row(r) for r in conn.execute(query)]
+
+    def host_by_uri(self, conn: sa.Connection, uri: str) -> Host | None:
+        row = conn.execute(sa.select(s.hosts).where(s.hosts.c.uri == uri)).first()
+        return Host.from_row(row) if row else None
+
+    def insert_host(self, conn: sa.Connection, host: Host) -> None:
+        conn.execute(s.hosts.insert().values(dataclasses.asdict(host)))
+
+    def update_host(self, conn: sa.Connection, name: str, values: Mapping[str, Any]) -> bool:
+        """Set `values` on host `name`; False if there is no such host."""
+        result = conn.execute(s.hosts.update().where(s.hosts.c.name == name).values(values))
+        return result.rowcount > 0
+
+    def delete_host(self, conn: sa.Connection, name: str) -> bool:
+        return conn.execute(s.hosts.delete().where(s.hosts.c.name == name)).rowcount > 0
 
     # -- reads ---------------------------------------------------------------------------
 

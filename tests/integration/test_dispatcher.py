@@ -194,17 +194,17 @@ def test_a_result_that_is_not_json_fails_clearly(db_url: str) -> None:
 def test_an_action_unknown_to_the_dispatcher_fails_clearly(db_url: str) -> None:
     """A task whose action this dispatcher lacks fails with how to fix it, once."""
     submitter_registry = Registry()
-    submitter_registry.action("vm.start")(lambda ctx: None)
+    submitter_registry.action("billing.export")(lambda ctx: None)
     with (
         open_queue(db_url, registry=submitter_registry) as producer,
         open_queue(db_url) as runner,
     ):
-        task = producer.submit("vm.start", max_attempts=3)
+        task = producer.submit("billing.export", max_attempts=3)
         with running_dispatcher(runner):
             (done,) = runner.wait(task.id, timeout=10)
     assert (done.state, done.attempt) == (State.FAILED, 1)
     assert done.error is not None and done.error["type"] == "UnknownAction"
-    assert "'vm.start' is not registered in this dispatcher" in done.error["message"]
+    assert "'billing.export' is not registered in this dispatcher" in done.error["message"]
     assert "--actions" in done.error["message"]
 
 

@@ -20,7 +20,7 @@ from taskomatic.model import TERMINAL
 def _registry() -> Registry:
     reg = Registry()
 
-    @reg.action("vm.start", params={"vm": str, "host": Param(str, default="any")})
+    @reg.action("guest.start", params={"vm": str, "host": Param(str, default="any")})
     def start(ctx: Context) -> None:
         """Start a VM."""
 
@@ -40,7 +40,7 @@ def test_submit_one_task(queue: Queue) -> None:
     """A submitted task is new, carries what was asked, and has its first event."""
     when = datetime.now(UTC) + timedelta(hours=1)
     task = queue.submit(
-        "vm.start",
+        "guest.start",
         {"vm": "web1"},
         priority=5,
         locks=["host:h1"],
@@ -65,8 +65,8 @@ def test_group_dag_with_names_resolved(queue: Queue) -> None:
     group, tasks = queue.submit_group(
         [
             TaskSpec("noop", name="root"),
-            TaskSpec("vm.start", {"vm": "a"}, name="left", after=["root"]),
-            TaskSpec("vm.start", {"vm": "b"}, name="right", after=["root"]),
+            TaskSpec("guest.start", {"vm": "a"}, name="left", after=["root"]),
+            TaskSpec("guest.start", {"vm": "b"}, name="right", after=["root"]),
             TaskSpec("noop", name="join", after=["left", "right"]),
         ],
         name="diamond",
@@ -91,10 +91,10 @@ def test_group_may_depend_on_existing_tasks(queue: Queue) -> None:
 def test_resubmitting_the_same_content_returns_the_existing_task(queue: Queue) -> None:
     """A retried submit (lost reply) creates no second row and no second event."""
     tid = uuid.uuid4()
-    first = queue.submit("vm.start", {"vm": "a"}, id=tid, priority=2, locks=["x"])
+    first = queue.submit("guest.start", {"vm": "a"}, id=tid, priority=2, locks=["x"])
     counts = row_counts(queue)
     again = queue.submit(
-        "vm.start", {"vm": "a", "host": "any"}, id=str(tid), priority=2, locks=["x"]
+        "guest.start", {"vm": "a", "host": "any"}, id=str(tid), priority=2, locks=["x"]
     )
     assert again == first
     assert row_counts(queue) == counts
@@ -114,10 +114,10 @@ def test_resubmitting_a_group_with_its_ids_returns_the_existing_tasks(queue: Que
 def test_resubmitting_different_content_is_a_conflict_naming_the_fields(queue: Queue) -> None:
     """Same id, other params and priority: Conflict says which fields differ."""
     tid = uuid.uuid4()
-    queue.submit("vm.start", {"vm": "a"}, id=tid)
+    queue.submit("guest.start", {"vm": "a"}, id=tid)
     counts = row_counts(queue)
     with pytest.raises(errors.Conflict) as caught:
-        queue.submit("vm.start", {"vm": "b"}, id=tid, priority=1)
+        queue.submit("guest.start", {"vm": "b"}, id=tid, priority=1)
     assert caught.value.fields == ["params", "priority"]
     assert str(tid) in caught.value.message and "params, priority" in caught.value.message
     assert row_counts(queue) == counts
@@ -141,22 +141,22 @@ UNKNOWN = uuid.UUID(int=42)
 CYCLE_A, CYCLE_B = uuid.UUID(int=1), uuid.UUID(int=2)
 
 INVALID_SUBMISSIONS: list[tuple[str, list[TaskSpec], type[errors.TaskomaticError], str]] = [
-    ("unknown action", [_bad(action="vm.strat")], errors.UnknownAction, "registered actions:"),
+    ("unknown action", [_bad(action="guest.strat")], errors.UnknownAction, "registered actions:"),
     (
         "unknown param",
-        [_bad(action="vm.start", params={"vm": "a", "hots": "h"})],
+        [_bad(action="guest.start", params={"vm": "a", "hots": "h"})],
         errors.InvalidParams,
         "has no parameter 'hots'",
     ),
     (
         "missing param",
-        [_bad(action="vm.start", params={})],
+        [_bad(action="guest.start", params={})],
         errors.InvalidParams,
         "needs parameter 'vm'",
     ),
     (
         "wrong type",
-        [_bad(action="vm.start", params={"vm": 3})],
+        [_bad(action="guest.start", params={"vm": 3})],
         errors.InvalidParams,
         "'vm' must be a string, got 3",
     ),
@@ -334,8 +334,8 @@ def test_get_unknown_task(queue: Queue) -> None:
 def test_list_filters_by_state_action_and_group(queue: Queue) -> None:
     """Each filter narrows the listing to exactly the matching tasks."""
     a = queue.submit("noop")
-    b = queue.submit("vm.start", {"vm": "x"})
-    group, (c, d) = queue.submit_group([TaskSpec("noop"), TaskSpec("vm.start", {"vm": "y"})])
+    b = queue.submit("guest.start", {"vm": "x"})
+    group, (c, d) = queue.submit_group([TaskSpec("noop"), TaskSpec("guest.start", {"vm": "y"})])
     queue.cancel(a.id)
 
     def ids(**kw: Any) -> set[uuid.UUID]:
@@ -345,7 +345,7 @@ def test_list_filters_by_state_action_and_group(queue: Queue) -> None:
     assert ids(state="cancelled") == {a.id}
     assert ids(state=[State.NEW, State.CANCELLED]) == {a.id, b.id, c.id, d.id}
     assert ids(state=State.RUNNING) == set()
-    assert ids(action="vm.start") == {b.id, d.id}
+    assert ids(action="guest.start") == {b.id, d.id}
     assert ids(group=group.id) == {c.id, d.id}
     assert ids(group=str(group.id), action="noop") == {c.id}
     assert ids(state="new", action="noop") == {c.id}

@@ -21,11 +21,11 @@ def _vm_locks(params: Mapping[str, Any]) -> list[str]:
 
 @pytest.fixture
 def registry() -> Registry:
-    """The built-ins plus `vm.start`, which declares typed parameters and a default lock."""
+    """The built-ins plus `guest.start`, which declares typed parameters and a default lock."""
     reg = Registry()
 
     @reg.action(
-        "vm.start",
+        "guest.start",
         params={"vm": str, "host": Param(str, default=None), "wait": Param(float, default=1.5)},
         locks=_vm_locks,
     )
@@ -35,8 +35,8 @@ def registry() -> Registry:
     return reg
 
 
-def _vm_start(registry: Registry) -> Action:
-    return registry.get("vm.start")
+def _guest_start(registry: Registry) -> Action:
+    return registry.get("guest.start")
 
 
 # -- Action.validate ------------------------------------------------------------------------
@@ -44,8 +44,8 @@ def _vm_start(registry: Registry) -> Action:
 
 def test_validate_fills_defaults(registry: Registry) -> None:
     """Optional parameters get their declared defaults; given ones are kept."""
-    assert _vm_start(registry).validate({"vm": "a"}) == {"vm": "a", "host": None, "wait": 1.5}
-    assert _vm_start(registry).validate({"vm": "a", "host": "h1", "wait": 3}) == {
+    assert _guest_start(registry).validate({"vm": "a"}) == {"vm": "a", "host": None, "wait": 1.5}
+    assert _guest_start(registry).validate({"vm": "a", "host": "h1", "wait": 3}) == {
         "vm": "a",
         "host": "h1",
         "wait": 3,
@@ -72,9 +72,9 @@ def test_validate_names_the_first_problem(
 ) -> None:
     """Unknown, missing and mistyped parameters are InvalidParams naming the parameter."""
     with pytest.raises(errors.InvalidParams) as caught:
-        _vm_start(registry).validate(params)
+        _guest_start(registry).validate(params)
     assert message in caught.value.message
-    assert "vm.start" in caught.value.message
+    assert "guest.start" in caught.value.message
     assert caught.value.field == field
 
 
@@ -96,9 +96,9 @@ def test_action_without_declared_params_rejects_any(registry: Registry) -> None:
 def test_unknown_action_lists_the_registered_ones(registry: Registry) -> None:
     """A typo in an action name shows what exists."""
     with pytest.raises(errors.UnknownAction) as caught:
-        prepare([TaskSpec("vm.strat", {"vm": "a"})], registry)
-    assert "unknown action 'vm.strat'" in caught.value.message
-    assert "vm.start" in caught.value.message and "noop" in caught.value.message
+        prepare([TaskSpec("guest.strat", {"vm": "a"})], registry)
+    assert "unknown action 'guest.strat'" in caught.value.message
+    assert "guest.start" in caught.value.message and "noop" in caught.value.message
 
 
 # -- prepare: fields -------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_prepare_resolves_names_and_merges_locks(registry: Registry) -> None:
     a, b = prepare(
         [
             TaskSpec("noop", id=str(a_id), name="first"),
-            TaskSpec("vm.start", {"vm": "x"}, name="second", after=["first"], locks=["host:h"]),
+            TaskSpec("guest.start", {"vm": "x"}, name="second", after=["first"], locks=["host:h"]),
         ],
         registry,
     )

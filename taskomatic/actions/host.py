@@ -1,0 +1,55 @@
+"""Host actions: maintenance (no new work is placed on it) and activate (after checking that
+it answers). Queued tasks choose their host when they run, so maintenance takes effect for
+everything not yet running."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from taskomatic import defaults
+from taskomatic.actions.registry import Check, Context, Param, Registry
+from taskomatic.model import HostState
+
+NAME = Param(str, help="the host name")
+
+
+def register(registry: Registry) -> None:
+    """Add the host actions to `registry`."""
+    for name, fn, wanted in (
+        ("host.maintenance", maintenance, HostState.MAINTENANCE),
+        ("host.activate", activate, HostState.ACTIVE),
+    ):
+        registry.action(
+            name,
+            params={"name": NAME},
+            locks=_locks,
+            check=_check(wanted),
+            max_attempts=defaults.HOST_ACTION_MAX_ATTEMPTS,
+        )(fn)
+
+
+def _locks(params: Mapping[str, Any]) -> Iterable[str]:
+    return [f"host:{params['name']}"]
+
+
+def _check(wanted: HostState) -> Any:
+    def check(ctx: Context) -> Check:
+        host = ctx.hosts.host(ctx.params["name"])
+        return Check.done(host.to_dict()) if host.state == wanted else Check.not_started()
+
+    return check
+
+
+def maintenance(ctx: Context) -> dict[str, Any]:
+    """Put a host into maintenance: nothing new is placed on it; what runs there stays."""
+    ctx.hosts.host(ctx.params["name"])  # a clean failure for an unknown host
+    return ctx.hosts.hosts.set_state(ctx.params["name"], HostState.MAINTENANCE).to_dict()
+
+
+def activate(ctx: Context) -> dict[str, Any]:
+    """Make a host active again, once it answers over libvirt."""
+    host = ctx.hosts.host(ctx.params["name"])
+    with ctx.hosts.call(host, "checking the host answers") as conn:
+        conn.getInfo()
+    return ctx.hosts.hosts.set_state(host.name, HostState.ACTIVE).to_dict()

@@ -1,0 +1,428 @@
+"""VM actions: define, start, shutdown, destroy, suspend, resume, undefine, migrate.
+
+Each ensures an end state: run twice, it ends in the same state without error. Its `check`
+reads the domain on the host, so a task whose dispatcher died at any step is recovered by
+asking the host what happened, then (if not done) running the action again. Drivers disagree
+on error codes for "already in that state" (the test driver says 1, QEMU 55), so after an
+error the state is read again instead of trusting the code.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import libvirt
+
+from taskomatic import defaults, errors
+from taskomatic.actions import domains
+from taskomatic.actions.domains import ACTIVE, RUNNING, describe, state
+from taskomatic.actions.registry import Check, Context, Param, Registry
+from taskomatic.virt.connections import host_error
+from taskomatic.virt.fleet import Fleet, Found
+
+MIGRATION_NS = "https://taskomatic.dev/xmlns/migration/1"
+"""Namespace of the stamp a migration leaves in the domain's metadata: which task moved it
+from which host, so a check after a crash tells "moved by me" from "never moved"."""
+
+NAME = Param(str, help="the VM (domain) name")
+HOST = Param(str, default=None, help="pin to this host (default: wherever the VM is defined)")
+
+Reached = Callable[[int], bool]
+
+
+def register(registry: Registry) -> None:
+    """Add the VM actions to `registry`."""
+    attempts = defaults.HOST_ACTION_MAX_ATTEMPTS
+    vm = {"name": NAME, "host": HOST}
+    registry.action(
+        "vm.define",
+        params={
+            "name": NAME,
+            "host": Param(str, default=None, help="define it here (default: placed when run)"),
+            "xml": Param(str, default=None, help="full domain XML (instead of the spec below)"),
+            "memory_mib": Param(int, default=512),
+            "vcpus": Param(int, default=1),
+            "disks": Param(list, default=[], help='[{"path": …} or {"pool": …, "volume": …}]'),
+            "network": Param(str, default=None, help="a libvirt network for one virtio NIC"),
+        },
+        locks=_define_locks,
+        check=check_define,
+        max_attempts=attempts,
+    )(define)
+    for name, fn, reached in (
+        ("vm.start", start, _running),
+        ("vm.destroy", destroy, _stopped),
+        ("vm.suspend", suspend, _paused),
+        ("vm.resume", resume, _running),
+    ):
+        registry.action(
+            name, params=vm, locks=_vm_locks, check=_check_state(reached), max_attempts=attempts
+        )(fn)
+    registry.action(
+        "vm.shutdown",
+        params={
+            **vm,
+            "timeout": Param(float, default=defaults.VM_SHUTDOWN_TIMEOUT_SECONDS),
+            "force": Param(bool, default=False, help="destroy it if it is still up at timeout"),
+        },
+        locks=_vm_locks,
+        check=_check_state(_stopped),
+        max_attempts=attempts,
+    )(shutdown)
+    registry.action(
+        "vm.undefine", params=vm, locks=_vm_locks, check=check_undefine, max_attempts=attempts
+    )(undefine)
+    registry.action(
+        "vm.migrate",
+        params={
+            **vm,
+            "to": Param(str, default=None, help="target host (default: placed when run)"),
+            "live": Param(bool, default=True, help="live-migrate a running VM (peer-to-peer)"),
+            "copy_storage": Param(bool, default=False, help="copy disks (no shared storage)"),
+        },
+        locks=_migrate_locks,
+        check=check_migrate,
+        max_attempts=attempts,
+    )(migrate)
+
+
+# --- locks and shared steps -----------------------------------------------------------------
+
+
+def _vm_locks(params: Mapping[str, Any]) -> Iterable[str]:
+    return [f"vm:{params['name']}"]
+
+
+def _define_locks(params: Mapping[str, Any]) -> Iterable[str]:
+    return _placing(params, params["host"])
+
+
+def _migrate_locks(params: Mapping[str, Any]) -> Iterable[str]:
+    return _placing(params, params["to"])
+
+
+def _placing(params: Mapping[str, Any], pinned: str | None) -> list[str]:
+    """A task that chooses its host when it runs also takes `placement`, so two placements
+    never both count the same free slot, even in different dispatchers."""
+    return [f"vm:{params['name']}", *([] if pinned else ["placement"])]
+
+
+def _running(st: int) -> bool:
+    return st in RUNNING
+
+
+def _stopped(st: int) -> bool:
+    return st not in ACTIVE
+
+
+def _paused(st: int) -> bool:
+    return st == libvirt.VIR_DOMAIN_PAUSED
+
+
+def _vm(ctx: Context) -> Found:
+    return ctx.hosts.need_vm(ctx.params["name"], ctx.params["host"])
+
+
+def _change(found: Found, doing: str, op: Callable[[], object], reached: Reached) -> None:
+    """Run a libvirt operation; an error is forgiven if the domain ended as wanted anyway
+    (a racing change, or the driver's way of saying "already")."""
+    try:
+        op()
+    except libvirt.libvirtError as exc:
+        try:
+            if reached(state(found.domain)):
+                return
+        except libvirt.libvirtError:
+            pass
+        raise host_error(exc, found.host.name, doing) from None
+
+
+def _check_state(reached: Reached) -> Callable[[Context], Check]:
+    def check(ctx: Context) -> Check:
+        found = ctx.hosts.find_vm(ctx.params["name"], ctx.params["host"])
+        if found is not None and reached(state(found.domain)):
+            return Check.done(describe(found.host, found.domain))
+        return Check.not_started()
+
+    return check
+
+
+# --- define -----------------------------------------------------------------------------------
+
+
+def define(ctx: Context) -> dict[str, Any]:
+    """Define a VM from domain XML or a small spec; an existing VM of that name is kept."""
+    p, fleet = ctx.params, ctx.hosts
+    name = p["name"]
+    if p["xml"] is not None and domains.xml_name(p["xml"]) != name:
+        raise errors.ActionFailed(
+            f"the domain XML names vm {domains.xml_name(p['xml'])!r}, the task {name!r}"
+        )
+    found = fleet.find_vm(name)
+    if found is not None:
+        if p["host"] and found.host.name != p["host"]:
+            raise errors.ActionFailed(
+                f"vm {name!r} is already defined on host {found.host.name!r}, not {p['host']!r}; "
+                "move it with vm.migrate"
+            )
+        return {**describe(found.host, found.domain), "defined": False}
+    with fleet.placing():
+        host = fleet.host(p["host"]) if p["host"] else fleet.place(_memory_kib(p))
+        with fleet.call(host, f"defining vm {name!r}") as conn:
+            xml = p["xml"] or domains.spec_xml(
+                conn, name, p["memory_mib"], p["vcpus"], p["disks"], p["network"]
+            )
+            dom = conn.defineXML(xml)
+    return {**describe(host, dom), "defined": True}
+
+
+def check_define(ctx: Context) -> Check:
+    found = ctx.hosts.find_vm(ctx.params["name"])
+    if found is None or (ctx.params["host"] and found.host.name != ctx.params["host"]):
+        return Check.not_started()  # on another host than pinned: the run fails, saying so
+    return Check.done(describe(found.host, found.domain))
+
+
+def _memory_kib(p: Mapping[str, Any]) -> int:
+    if p["xml"] is None:
+        return int(p["memory_mib"]) * 1024
+    memory = ET.fromstring(p["xml"]).find("memory")
+    if memory is None or not (memory.text or "").strip().isdigit():
+        return 0
+    scale = {"b": 1 / 1024, "bytes": 1 / 1024, "kib": 1, "k": 1, "mib": 1024, "m": 1024}
+    scale |= {"gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
+    return int(int(memory.text or 0) * scale.get(memory.get("unit", "KiB").lower(), 1))
+
+
+# --- lifecycle --------------------------------------------------------------------------------
+
+
+def start(ctx: Context) -> dict[str, Any]:
+    """Start a VM (resume it if paused); a running VM is left running."""
+    found = _vm(ctx)
+    st = state(found.domain)
+    if st == libvirt.VIR_DOMAIN_PAUSED:
+        _change(found, f"resuming vm {ctx.params['name']!r}", found.domain.resume, _running)
+    elif not _running(st):
+        _change(found, f"starting vm {ctx.params['name']!r}", found.domain.create, _running)
+    return describe(found.host, found.domain)
+
+
+def destroy(ctx: Context) -> dict[str, Any]:
+    """Power a VM off at once (no guest shutdown); a stopped VM is left stopped."""
+    found = _vm(ctx)
+    if not _stopped(state(found.domain)):
+        _change(found, f"destroying vm {ctx.params['name']!r}", found.domain.destroy, _stopped)
+    return describe(found.host, found.domain)
+
+
+def suspend(ctx: Context) -> dict[str, Any]:
+    """Pause a running VM's CPUs; a paused VM is left paused."""
+    found = _vm(ctx)
+    st = state(found.domain)
+    if st != libvirt.VIR_DOMAIN_PAUSED:
+        if not _running(st):
+            raise errors.ActionFailed(
+                f"vm {ctx.params['name']!r} on host {found.host.name!r} is "
+                f"{domains.STATE_NAMES.get(st, st)}; only a running VM can be suspended"
+            )
+        _change(found, f"suspending vm {ctx.params['name']!r}", found.domain.suspend, _paused)
+    return describe(found.host, found.domain)
+
+
+def resume(ctx: Context) -> dict[str, Any]:
+    """Resume a paused VM; a running VM is left running."""
+    found = _vm(ctx)
+    st = state(found.domain)
+    if not _running(st):
+        if st != libvirt.VIR_DOMAIN_PAUSED:
+            raise errors.ActionFailed(
+                f"vm {ctx.params['name']!r} on host {found.host.name!r} is "
+                f"{domains.STATE_NAMES.get(st, st)}, not paused; start it with vm.start"
+            )
+        _change(found, f"resuming vm {ctx.params['name']!r}", found.domain.resume, _running)
+    return describe(found.host, found.domain)
+
+
+def shutdown(ctx: Context) -> dict[str, Any]:
+    """Ask the guest to power off; after `timeout` fail, or destroy it if `force`."""
+    p = ctx.params
+    found = _vm(ctx)
+    forced = False
+    if not _stopped(state(found.domain)):
+        _change(found, f"shutting down vm {p['name']!r}", found.domain.shutdown, _stopped)
+        deadline = time.monotonic() + p["timeout"]
+        while not _stopped(state(found.domain)):
+            if time.monotonic() >= deadline:
+                if not p["force"]:
+                    raise errors.ActionFailed(
+                        f"vm {p['name']!r} on host {found.host.name!r} did not power off within "
+                        f"{p['timeout']:g}s; retry with force=true, or run vm.destroy"
+                    )
+                _change(found, f"destroying vm {p['name']!r}", found.domain.destroy, _stopped)
+                forced = True
+                break
+            if ctx.stop.wait(defaults.HOST_STATE_POLL_SECONDS):
+                raise errors.ActionError(
+                    f"stopped while vm {p['name']!r} was shutting down; its state is re-read "
+                    "on the next attempt"
+                )
+    return {**describe(found.host, found.domain), "forced": forced}
+
+
+# --- undefine ---------------------------------------------------------------------------------
+
+
+def undefine(ctx: Context) -> dict[str, Any]:
+    """Remove a stopped VM's definition (and its snapshot metadata; disk images stay)."""
+    p, fleet = ctx.params, ctx.hosts
+    found = fleet.find_vm(p["name"], p["host"])
+    if found is None:
+        return {"vm": p["name"], "undefined": False}
+    st = state(found.domain)
+    if not _stopped(st):
+        raise errors.ActionFailed(
+            f"vm {p['name']!r} on host {found.host.name!r} is {domains.STATE_NAMES.get(st, st)}; "
+            "stop it first (vm.shutdown or vm.destroy)"
+        )
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    )
+    try:
+        found.domain.undefineFlags(flags)
+    except libvirt.libvirtError as exc:
+        if fleet.find_vm(p["name"], found.host.name) is not None:
+            raise host_error(exc, found.host.name, f"undefining vm {p['name']!r}") from None
+    return {"vm": p["name"], "host": found.host.name, "undefined": True}
+
+
+def check_undefine(ctx: Context) -> Check:
+    found = ctx.hosts.find_vm(ctx.params["name"], ctx.params["host"])
+    return Check.not_started() if found else Check.done({"vm": ctx.params["name"]})
+
+
+# --- migrate ----------------------------------------------------------------------------------
+
+
+def migrate(ctx: Context) -> dict[str, Any]:
+    """Move a VM to another host: live (peer-to-peer) if it runs, else its definition."""
+    p, fleet = ctx.params, ctx.hosts
+    name = p["name"]
+    copies = fleet.find_copies(name, None)
+    moved = _moved_by(ctx, copies)
+    if moved is not None:
+        return _finish_move(fleet, name, moved, copies)
+    sources = [c for c in copies if not p["host"] or c.host.name == p["host"]]
+    if len(sources) != 1:
+        where = ", ".join(c.host.name for c in copies) or "no host"
+        raise errors.ActionFailed(
+            f"vm {name!r} must be defined on exactly one host to migrate (found on: {where})"
+        )
+    source = sources[0]
+    with fleet.placing():
+        if p["to"]:
+            target = fleet.host(p["to"])
+        else:
+            target = fleet.place(int(source.domain.info()[1]), exclude=source.host.name)
+        if target.name == source.host.name:
+            return {**describe(source.host, source.domain), "from": source.host.name}
+        running = not _stopped(state(source.domain))
+        _stamp(ctx, source, running)
+        if running:
+            if not p["live"]:
+                raise errors.ActionFailed(
+                    f"vm {name!r} is running; live=false moves only a stopped VM"
+                )
+            _live_migrate(fleet, source, target, p["copy_storage"])
+        else:
+            _offline_migrate(fleet, source, target)
+    return _finish_move(fleet, name, fleet.need_vm(name, target.name), [source])
+
+
+def check_migrate(ctx: Context) -> Check:
+    copies = ctx.hosts.find_copies(ctx.params["name"], None)
+    moved = _moved_by(ctx, copies)
+    if moved is not None and len(copies) == 1:
+        return Check.done({**describe(moved.host, moved.domain), "from": _stamp_of(moved)[1]})
+    return Check.not_started()  # not moved, or both copies left: run finishes the move
+
+
+def _live_migrate(fleet: Fleet, source: Found, target: Any, copy_storage: bool) -> None:
+    flags = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
+    if copy_storage:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    doing = f"live-migrating vm {source.domain.name()!r} to host {target.name!r}"
+    with fleet.call(source.host, doing):
+        source.domain.migrateToURI3(target.uri, {}, flags)
+
+
+def _offline_migrate(fleet: Fleet, source: Found, target: Any) -> None:
+    name = source.domain.name()
+    count = source.domain.snapshotNum(0)
+    if count:
+        raise errors.ActionFailed(
+            f"vm {name!r} has {count} snapshot(s), whose metadata would not move; "
+            "delete them first (snapshot.delete)"
+        )
+    flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE
+    with fleet.call(source.host, f"reading vm {name!r}"):
+        xml = source.domain.XMLDesc(flags)
+    with fleet.call(target, f"defining vm {name!r} (moved from {source.host.name!r})") as conn:
+        conn.defineXML(xml)
+
+
+def _finish_move(fleet: Fleet, name: str, moved: Found, copies: list[Found]) -> dict[str, Any]:
+    """The VM is on its target; undefine the stopped copy an offline move left behind."""
+    for stale in copies:
+        if stale.host.name == moved.host.name:
+            continue
+        if not _stopped(state(stale.domain)):
+            raise errors.ActionFailed(
+                f"vm {name!r} runs on host {stale.host.name!r} although it was moved to "
+                f"{moved.host.name!r}; decide which copy to keep"
+            )
+        with fleet.call(stale.host, f"undefining the moved vm {name!r}"):
+            stale.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    return {**describe(moved.host, moved.domain), "from": _stamp_of(moved)[1]}
+
+
+def _stamp(ctx: Context, source: Found, running: bool) -> None:
+    """Record in the domain which task moves it from where; the copy on the target carries
+    it, which is how `check` recognises its own finished move."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0)
+    stamp = ET.Element("migration", task=str(ctx.task_id), source=source.host.name)
+    with ctx.hosts.call(source.host, f"marking vm {source.domain.name()!r} for migration"):
+        source.domain.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(stamp, encoding="unicode"),
+            "taskomatic",
+            MIGRATION_NS,
+            flags,
+        )
+
+
+def _stamp_of(found: Found) -> tuple[str | None, str | None]:
+    """(task id, source host) of the migration stamp on a domain, or (None, None)."""
+    try:
+        text = found.domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, MIGRATION_NS, 0)
+    except libvirt.libvirtError:
+        return None, None
+    elem = ET.fromstring(text)
+    return elem.get("task"), elem.get("source")
+
+
+def _moved_by(ctx: Context, copies: list[Found]) -> Found | None:
+    """The copy this task already moved to another host, if any."""
+    for found in copies:
+        task, source = _stamp_of(found)
+        if task == str(ctx.task_id) and source != found.host.name:
+            return found
+    return None

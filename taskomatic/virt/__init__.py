@@ -1,0 +1,1 @@
+"""Everything that talks to libvirt: connections, the fleet of hosts, errors."""

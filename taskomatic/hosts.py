@@ -52,9 +52,8 @@ class Hosts:
         try:
             return self._queue._write(insert, changed=lambda _: False)
         except sa.exc.IntegrityError:
-            return self._queue._read(  # a racing add of the same host: compare with the winner
-                lambda conn: _same_or_conflict(self.get_in(conn, name), uri, capacity)
-            )
+            # A racing add took the name or the URI first: look again, now seeing the winner.
+            return self._queue._write(insert, changed=lambda _: False)
 
     def get(self, name: str) -> Host:
         """The host `name`; HostNotFound if none."""

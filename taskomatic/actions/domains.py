@@ -100,6 +100,9 @@ def spec_xml(
     ET.SubElement(dom, "vcpu").text = str(vcpus)
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", arch=arch).text = "hvm"
+    if arch in ("x86_64", "i686"):
+        # Without it QEMU runs with -no-acpi: no guest could honour vm.shutdown's power button.
+        ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     devices = ET.SubElement(dom, "devices")
     for index, disk in enumerate(disks):
         devices.append(_disk(disk, index))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import json
@@ -10,16 +11,17 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import sqlalchemy as sa
 
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import registry
-from taskomatic.model import TERMINAL, State, Task
+from taskomatic.model import TERMINAL, Group, State, Task
 from taskomatic.queue import Queue
 from taskomatic.submission import TaskSpec, parse_time
 
@@ -54,19 +56,59 @@ class App:
         self.json = as_json
         self.actions = actions
         self._queue: Queue | None = None
+        self._actions_loaded = False
 
-    def queue(self, init: bool = False) -> Queue:
-        if self._queue is None:
+    def load_actions(self) -> None:
+        """Register the actions of installed plugins and of `--actions` modules (once)."""
+        if not self._actions_loaded:
             registry.load_entry_points()
             for module in self.actions:
                 registry.load_module(module)
-            self._queue = Queue.open(self.database_url, actor=f"cli:{_user()}")
-            if init or self._queue.store.schema_version() is None:
-                if init or self.database_url.startswith("sqlite"):
-                    self._queue.init_db()  # the embedded default needs no set-up step
-                else:
-                    raise errors.SchemaError()
+            self._actions_loaded = True
+
+    def queue(self, init: bool = False) -> Queue:
+        """The queue, opened on first use; creates the schema if `init` or on SQLite."""
+        if self._queue is None:
+            self.load_actions()
+            queue = self._open()
+            version = self._schema_version(queue)
+            if init or version is None:
+                if not init and not self.database_url.startswith("sqlite"):
+                    raise errors.SchemaError(
+                        f"no taskomatic schema in {_safe_url(self.database_url)}; "
+                        "run `taskomatic db init` first"
+                    )
+                queue.init_db()  # the embedded default needs no set-up step
+            self._queue = queue
         return self._queue
+
+    def _open(self) -> Queue:
+        try:
+            return Queue.open(self.database_url, actor=f"cli:{_user()}")
+        except OSError as exc:  # SQLite: the database file's directory cannot be created
+            raise errors.DatabaseUnavailable(
+                f"cannot create the database at {_safe_url(self.database_url)}: "
+                f"{exc.strerror or exc}: {exc.filename}; give another path with --database-url"
+            ) from None
+
+    def _schema_version(self, queue: Queue) -> int | None:
+        """The first contact with the database, deliberately not retried.
+
+        Queue retries a lost connection for minutes, which suits a dispatcher; someone at a
+        prompt (or a script) wants to learn at once that the database cannot be reached.
+        """
+        try:
+            return queue.store.schema_version()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            hint = (
+                "check that it is a file this user can write"
+                if self.database_url.startswith("sqlite")
+                else "check that the server runs and the URL is right"
+            )
+            raise errors.DatabaseUnavailable(
+                f"cannot reach the database at {_safe_url(self.database_url)}: "
+                f"{_first_line(exc.orig or exc)}; {hint}"
+            ) from None
 
     def out(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -113,7 +155,42 @@ def _exit_code(exc: errors.TaskomaticError) -> int:
     return EXIT_INTERNAL
 
 
-@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+# click >= 8.2 shows the help of a bare `taskomatic` (or `taskomatic db`) by raising this.
+_SHOWS_HELP: tuple[type[click.ClickException], ...] = (
+    (click.exceptions.NoArgsIsHelpError,) if hasattr(click.exceptions, "NoArgsIsHelpError") else ()
+)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Turn click's usage errors (four lines, with the usage) into one line, exit code 2."""
+    try:
+        yield
+    except click.ClickException as exc:
+        if isinstance(exc, _SHOWS_HELP):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+        fail(" ".join(exc.format_message().split()) + hint, EXIT_BAD_INPUT)
+
+
+class _Main(click.Group):
+    """The top-level group: reports bad usage of any command in one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage_errors():  # parsing of subcommands happens in here
+            return super().invoke(ctx)
+
+
+@click.group(
+    cls=_Main,
+    epilog=EXIT_CODES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--database-url",
     envvar="TASKOMATIC_DATABASE_URL",
@@ -203,8 +280,7 @@ def _task_options(fn: F) -> F:
             click.option(
                 "--max-attempts",
                 type=int,
-                default=defaults.MAX_ATTEMPTS,
-                show_default=True,
+                show_default="the action's own, usually 1",
                 help="Attempts before the task fails.",
             ),
         ]
@@ -228,10 +304,12 @@ def submit(
     priority: int,
     not_before: str | None,
     timeout: float | None,
-    max_attempts: int,
+    max_attempts: int | None,
     wait_: bool,
 ) -> None:
     """Submit one task running ACTION."""
+    # Left out unless given, so that the action's own default applies.
+    attempts: dict[str, Any] = {} if max_attempts is None else {"max_attempts": max_attempts}
     spec = TaskSpec(
         action,
         _params(param, params_json),
@@ -241,7 +319,7 @@ def submit(
         priority=priority,
         not_before=_when(not_before),
         timeout=timeout,
-        max_attempts=max_attempts,
+        **attempts,
     )
     queue = app.queue()
     task = queue.submit_many([spec], created_by=f"cli:{_user()}")[0]
@@ -271,10 +349,13 @@ def submit_group(app: App, file: Any, name: str | None, wait_: bool) -> None:
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
         raise errors.ValidationError(f"{file.name}: expected an object with a 'tasks' list")
     specs = [TaskSpec.from_dict(t) if isinstance(t, dict) else _not_a_task(t) for t in doc["tasks"]]
-    group_id = uuid.UUID(doc["id"]) if doc.get("id") else None
+    group_id = _group_id(doc.get("id"), file.name)
+    name = name or doc.get("name")
+    if name is not None and not isinstance(name, str):
+        raise errors.ValidationError(f"{file.name}: 'name' must be a string, got {name!r}")
     queue = app.queue()
     group, tasks = queue.submit_group(
-        specs, name=name or doc.get("name"), group_id=group_id, created_by=f"cli:{_user()}"
+        specs, name=name, group_id=group_id, created_by=f"cli:{_user()}"
     )
     if wait_:
         tasks = _wait(app, [t.id for t in tasks], None, label=group.name or str(group.id))
@@ -292,7 +373,7 @@ def show(app: App, task_id: str) -> None:
     try:
         task = queue.get(task_id)
     except errors.TaskNotFound:
-        group = queue.group(task_id)
+        group = _group(queue, task_id)
         tasks = queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
         app.out(
             {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]},
@@ -356,7 +437,7 @@ def wait(app: App, ids: tuple[str, ...], timeout: float | None) -> None:
         try:
             task_ids.append(queue.get(ref).id)
         except errors.TaskNotFound:
-            group = queue.group(ref)
+            group = _group(queue, ref)
             label = group.name or str(group.id)
             task_ids += [
                 t.id for t in queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
@@ -432,7 +513,7 @@ def status(app: App) -> None:
 @command(main, "actions")
 def actions(app: App) -> None:
     """List the registered actions and their parameters."""
-    app.queue()
+    app.load_actions()
     listing: dict[str, dict[str, Any]] = {}
     for name in registry.names():
         action = registry.get(name)
@@ -633,11 +714,40 @@ def _when(text: str | None) -> datetime | None:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
         return datetime.now(UTC) + timedelta(seconds=float(text[:-1]) * units[text[-1]])
-    return parse_time(text)
+    try:
+        return parse_time(text)
+    except errors.ValidationError as exc:
+        raise errors.ValidationError(
+            f"--not-before: {exc.message}; give an ISO 8601 time with a timezone "
+            "(2030-01-01T12:00:00Z) or a delay like 30s, 5m, 2h",
+            field="not_before",
+        ) from None
+
+
+def _group(queue: Queue, ref: str) -> Group:
+    """The group `ref` names, once it is known not to be a task."""
+    try:
+        return queue.group(ref)
+    except errors.GroupNotFound:
+        raise errors.TaskNotFound(f"{ref} (nor a group with that id)") from None
+
+
+def _group_id(value: Any, source: str) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise errors.ValidationError(f"{source}: group 'id' {value!r} is not a UUID") from None
 
 
 def _not_a_task(value: Any) -> NoReturn:
     raise errors.ValidationError(f"each task must be an object, got {value!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _user() -> str:
@@ -648,6 +758,4 @@ def _user() -> str:
 
 
 def _safe_url(url: str) -> str:
-    import sqlalchemy as sa
-
     return sa.engine.make_url(url).render_as_string(hide_password=True)

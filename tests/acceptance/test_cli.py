@@ -1,0 +1,725 @@
+"""Acceptance tests: the `taskomatic` command run as a subprocess, exactly as a user runs it.
+
+Every run is a fresh process of the venv's console script, configured the way a user
+configures it: `TASKOMATIC_DATABASE_URL`, `--database-url`, or neither (then the default
+database under `$HOME`, which points at a temporary directory). Tests whose outcome depends on
+the backend take `cli` and run on SQLite and PostgreSQL; the rest run on SQLite only, and the
+tests that need a PostgreSQL server say `postgresql` in their id, so `-k "not postgresql"`
+runs without one. Each run costs about half a second of CPU (mostly imports), so commands
+that do not depend on each other start together (`run_all`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import getpass
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import TABLES, open_queue, run_to_completion, wait_until
+from pgcluster import ExternalPostgres, PostgresCluster
+
+from taskomatic import State, TaskSpec
+from taskomatic.store import connect
+
+TASKOMATIC = Path(sys.executable).with_name("taskomatic")
+"""The console script of the venv running the tests: what installing taskomatic gives a user."""
+
+RUN_TIMEOUT_SECONDS = 60.0
+"""Longest any one command may run before the test fails (seconds)."""
+
+FAIL_FAST_SECONDS = 10.0
+"""A failing command, even on an unreachable database, gives up within this; the retrying
+it must not do would last minutes (seconds)."""
+
+CLOSED_PORT_URL = "postgresql+psycopg://x@127.0.0.1:1/x"
+"""A PostgreSQL server that is not there: nothing listens on port 1."""
+
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+"""A task id that no task has."""
+
+DONE_ID = "00000000-0000-4000-8000-00000000000d"
+"""The completed task in the queue the FAILURES run on."""
+
+QUEUED_ID = "00000000-0000-4000-8000-00000000000a"
+"""The new task (with a dependent) in the queue the FAILURES run on."""
+
+DEMO_GROUP = Path(__file__).resolve().parents[2] / "docs" / "examples" / "demo-group.json"
+
+README_COMMANDS = (
+    *("db", "submit", "submit-group", "show", "list", "wait", "cancel", "retry", "collect"),
+    *("why", "status", "actions", "dispatcher"),
+)
+"""The commands the README promises."""
+
+README_DB_COMMANDS = ("init", "check", "schema")
+"""The `db` subcommands the README promises."""
+
+ACTIONS_MODULE = "cli_test_actions"
+ACTIONS_SOURCE = '''
+"""An action module as users write them, loaded with `taskomatic --actions cli_test_actions`."""
+
+import taskomatic
+from taskomatic import Param
+
+
+@taskomatic.action(
+    "demo.provision",
+    params={"vm": str, "host": Param(str, default="any"), "memory_mb": Param(int, default=1024)},
+    max_attempts=4,
+)
+def provision(ctx):
+    """Provision a machine (a stand-in that reports what it was asked)."""
+    return {"vm": ctx.params["vm"], "host": ctx.params["host"]}
+'''
+
+Snapshot = dict[str, list[tuple[str, ...]]]
+
+
+# -- running the command --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one run of `taskomatic` left behind."""
+
+    args: tuple[str, ...]
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stdout.splitlines()
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def problem_with_error(self, code: int, says: str) -> str | None:
+        """Why this is not a clean failure (exit `code`, one error line that contains
+        `says`, nothing on stdout, quickly), or None if it is one."""
+        lines = self.stderr.splitlines()
+        if self.code != code:
+            return f"exit code {self.code}, expected {code}"
+        if len(lines) != 1 or not lines[0].startswith("taskomatic: error: "):
+            return "stderr is not one 'taskomatic: error: ' line"
+        if says not in lines[0]:
+            return f"the error does not say {says!r}"
+        if self.stdout:
+            return "it printed to stdout as well"
+        if self.seconds > FAIL_FAST_SECONDS:
+            return f"it took {self.seconds:.1f}s to give up"
+        return None
+
+    def error(self, code: int, says: str = "") -> str:
+        """Assert a clean failure (see `problem_with_error`); returns the message."""
+        problem = self.problem_with_error(code, says)
+        assert problem is None, f"{problem}:\n{self}"
+        return self.stderr.strip().removeprefix("taskomatic: error: ")
+
+    def __str__(self) -> str:
+        return (
+            f"$ taskomatic {' '.join(self.args)}\n"
+            f"exit {self.code} after {self.seconds:.2f}s\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
+
+
+class Background:
+    """A `taskomatic` command running beside the test, its output going to files."""
+
+    def __init__(self, cli: Cli, args: tuple[str, ...]) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self._out = cli.home / f"{uuid.uuid4().hex}.out"
+        self._err = self._out.with_suffix(".err")
+        with self._out.open("w") as out, self._err.open("w") as err:
+            self.proc = subprocess.Popen(
+                [str(TASKOMATIC), *args], stdout=out, stderr=err, env=cli.env, cwd=cli.home
+            )
+
+    def finish(self, timeout: float = RUN_TIMEOUT_SECONDS) -> Result:
+        """Wait for the command to end by itself; what it left behind."""
+        code = self.proc.wait(timeout=timeout)
+        seconds = time.monotonic() - self.started
+        return Result(self.args, code, self._out.read_text(), self._err.read_text(), seconds)
+
+    def stop(self) -> Result:
+        """SIGTERM, as a service manager stops it; SIGKILL if that does not end it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.finish()
+
+
+class Cli:
+    """Runs `taskomatic` in a subprocess with a user's environment: HOME, a database URL."""
+
+    def __init__(self, home: Path, url: str | None, actions_path: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home
+        self.url = url
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("TASKOMATIC_") and k not in ("XDG_DATA_HOME", "PYTHONPATH")
+        }
+        self.env.update(HOME=str(home), PYTHONPATH=str(actions_path))
+        if url is not None:
+            self.env["TASKOMATIC_DATABASE_URL"] = url
+
+    def run(self, *args: str, stdin: str | None = None) -> Result:
+        """Run `taskomatic ARGS...` to its end, in HOME."""
+        started = time.monotonic()
+        proc = subprocess.run(
+            [str(TASKOMATIC), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.home,
+            timeout=RUN_TIMEOUT_SECONDS,
+            check=False,
+        )
+        return Result(args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+    def run_all(self, *commands: Sequence[str]) -> list[Result]:
+        """Run independent commands at the same time; results in the order given."""
+        return run_concurrently([(self, tuple(c)) for c in commands])
+
+    def ok(self, *args: str, stdin: str | None = None) -> Result:
+        """Run a command that must succeed."""
+        result = self.run(*args, stdin=stdin)
+        assert result.code == 0, str(result)
+        return result
+
+    def json(self, *args: str) -> Any:
+        """Run `taskomatic --json ARGS...`, which must succeed; what it printed, parsed."""
+        return self.ok("--json", *args).json()
+
+    def submit(self, *args: str) -> str:
+        """Submit a task; returns the id the command printed (and nothing else)."""
+        printed = self.ok("submit", *args).stdout
+        assert printed == f"{uuid.UUID(printed.strip())}\n"
+        return printed.strip()
+
+    @contextmanager
+    def background(self, *args: str) -> Iterator[Background]:
+        """`taskomatic ARGS...` running beside the block; stopped at its end if still running."""
+        command = Background(self, args)
+        try:
+            yield command
+        finally:
+            command.stop()
+
+
+def run_concurrently(runs: Sequence[tuple[Cli, tuple[str, ...]]]) -> list[Result]:
+    """Run each (cli, args), as many at a time as there are CPUs; results in order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda run: run[0].run(*run[1]), runs))
+
+
+def snapshot(url: str) -> Snapshot:
+    """Every row of every task table: equal snapshots mean nothing was written."""
+    store = connect(url)
+    try:
+        with store.read() as conn:
+            return {
+                table.name: sorted(tuple(map(str, row)) for row in conn.execute(sa.select(table)))
+                for table in TABLES
+            }
+    finally:
+        store.close()
+
+
+def states(result: Result) -> dict[str, str]:
+    """Task id to state, from the lines `wait`, `cancel` and `retry` print."""
+    assert result.lines, str(result)
+    return {line.split()[0]: line.split()[1] for line in result.lines}
+
+
+def ids(result: Result) -> list[str]:
+    """The task ids of a `--json list`, in the order listed."""
+    assert result.code == 0, str(result)
+    return [t["id"] for t in result.json()["tasks"]]
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def actions_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the action module ACTIONS_MODULE, for PYTHONPATH."""
+    path = tmp_path_factory.mktemp("actions")
+    (path / f"{ACTIONS_MODULE}.py").write_text(ACTIONS_SOURCE)
+    return path
+
+
+@pytest.fixture
+def cli(db_url: str, tmp_path: Path, actions_path: Path) -> Cli:
+    """The command on a fresh database holding the schema, on each backend in turn."""
+    return Cli(tmp_path / "home", db_url, actions_path)
+
+
+@pytest.fixture
+def sqlite_cli(sqlite_url: str, tmp_path: Path, actions_path: Path) -> Cli:
+    """The command on a fresh SQLite database holding the schema."""
+    return Cli(tmp_path / "home", sqlite_url, actions_path)
+
+
+@pytest.fixture
+def home_cli(tmp_path: Path, actions_path: Path) -> Cli:
+    """The command as a new user runs it: no database URL anywhere, an empty HOME."""
+    return Cli(tmp_path / "home", None, actions_path)
+
+
+# -- what users rely on ---------------------------------------------------------------------
+
+
+def test_help_works_for_every_command(home_cli: Cli) -> None:
+    """`-h` and `--help` describe every command and subcommand, a bare `taskomatic` shows
+    the help too, and none of them touches a database."""
+    top, bare = home_cli.run_all(["--help"], [])
+    commands = _listed_commands(top.stdout)
+    assert set(README_COMMANDS) <= set(commands)
+    assert "Exit codes: 0 ok;" in top.stdout
+    assert (bare.stdout + bare.stderr).startswith("Usage: taskomatic [OPTIONS] COMMAND")
+    helps = home_cli.run_all(
+        *([c, "--help"] for c in commands), *(["db", c, "-h"] for c in README_DB_COMMANDS)
+    )
+    [db] = [result for result in helps if result.args == ("db", "--help")]
+    assert _listed_commands(db.stdout) == sorted(README_DB_COMMANDS)
+    for result in helps:
+        command = " ".join(a for a in result.args if not a.startswith("-"))
+        assert result.code == 0, str(result)
+        assert result.stdout.startswith(f"Usage: taskomatic {command} "), str(result)
+        assert result.stderr == ""
+    assert list(home_cli.home.iterdir()) == []  # no database was created
+
+
+def _listed_commands(help_text: str) -> list[str]:
+    """The command names in the `Commands:` section of a help text."""
+    section = help_text.split("Commands:\n", 1)[1].split("\n\n", 1)[0]
+    return [line.split()[0] for line in section.splitlines() if line.startswith("  ")]
+
+
+def test_default_database_is_an_sqlite_file_in_the_users_data_directory(
+    home_cli: Cli, tmp_path: Path, actions_path: Path
+) -> None:
+    """With no URL the queue lives in ~/.local/share/taskomatic, or under $XDG_DATA_HOME;
+    it needs no `db init`, and `db init` on it is harmless: it keeps what is queued."""
+    queued = home_cli.submit("noop")
+    default = home_cli.home / ".local" / "share" / "taskomatic" / "taskomatic.db"
+    assert home_cli.ok("db", "init").stdout == f"schema version 1 ready at sqlite:///{default}\n"
+
+    xdg_cli = Cli(home_cli.home, None, actions_path)
+    xdg_cli.env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    listed, xdg_listed = run_concurrently([(home_cli, ("--json", "list")), (xdg_cli, ("status",))])
+    assert ids(listed) == [queued]
+    assert xdg_listed.lines[0].startswith("new=0  running=0")
+    assert (tmp_path / "xdg" / "taskomatic" / "taskomatic.db").is_file()
+
+
+def test_submit_records_every_option_and_resubmission_is_idempotent(cli: Cli) -> None:
+    """Each `submit` option lands on the task; the same --id with the same content returns
+    the task (exit 0), with other content is a conflict (exit 4) that changes nothing."""
+    task_id = str(uuid.uuid4())
+    submit = ("--actions", ACTIONS_MODULE, "submit", "demo.provision", "--id", task_id)
+    options = (
+        *("--params", '{"vm": "web1"}', "--lock", "host:h1", "--priority", "7"),
+        *("--not-before", "1h", "--timeout", "90", "--max-attempts", "3"),
+    )
+    submitted = datetime.now(UTC)
+    assert cli.ok(*submit, "-p", "memory_mb=2048", *options).stdout == f"{task_id}\n"
+    before = snapshot(str(cli.url))
+    again, conflict, show = cli.run_all(
+        [*submit, "-p", "memory_mb=2048", *options],
+        [*submit, "-p", "memory_mb=4096", *options],
+        ["--json", "show", task_id],
+    )
+    assert (again.code, again.stdout) == (0, f"{task_id}\n")
+    conflict.error(4, f"task {task_id} already exists with a different params;")
+    assert snapshot(str(cli.url)) == before
+
+    shown = show.json()
+    assert (shown["action"], shown["state"]) == ("demo.provision", "new")
+    assert shown["params"] == {"vm": "web1", "host": "any", "memory_mb": 2048}
+    assert shown["locks"] == ["host:h1"]
+    assert (shown["priority"], shown["timeout"], shown["max_attempts"]) == (7, 90.0, 3)
+    delay = datetime.fromisoformat(shown["not_before"]) - submitted
+    assert timedelta(minutes=59) < delay < timedelta(minutes=61)
+    assert shown["created_by"] == f"cli:{getpass.getuser()}"
+    [event] = shown["events"]
+    assert (event["from"], event["to"], event["message"]) == (None, "new", "submitted")
+
+
+def test_submit_without_max_attempts_gives_the_action_its_own(sqlite_cli: Cli) -> None:
+    """An action declares how many attempts its tasks get unless the submitter says."""
+    args = ("--actions", ACTIONS_MODULE, "--json", "submit", "demo.provision", "-p", "vm=web1")
+    assert sqlite_cli.ok(*args).json()["max_attempts"] == 4
+
+
+def test_dispatcher_runs_the_demo_group_while_wait_follows(cli: Cli) -> None:
+    """The documented example group: `dispatcher --until-empty` runs it to the end while
+    `wait` (another process) follows; the failing task, retried once, sinks its dependent;
+    `wait` exits 1 when a task failed, 0 when all completed."""
+    group_id = cli.ok("submit-group", str(DEMO_GROUP)).stdout.strip()
+    with cli.background("--json", "wait", group_id) as waiting:
+        cli.ok("dispatcher", "--until-empty", "--workers", "4", "--poll", "0.2")
+        followed = waiting.finish(timeout=10)
+    assert followed.code == 1, str(followed)
+    tasks = followed.json()
+    [flaky] = [t for t in tasks if t["action"] == "fail"]
+    [after_flaky] = [t for t in tasks if t["after"] == [flaky["id"]]]
+    [report] = [t for t in tasks if len(t["after"]) == 3]
+    assert {t["state"] for t in tasks if t["action"] == "sleep"} == {"complete"}
+    assert (flaky["state"], flaky["attempt"]) == ("failed", 2)
+    assert after_flaky["state"] == "cancelled"
+    assert after_flaky["error"]["message"] == f"prerequisite {flaky['id']} failed"
+
+    group, timeline, done = cli.run_all(
+        ["show", group_id], ["show", flaky["id"]], ["wait", report["id"]]
+    )
+    assert group.lines[0] == (
+        f"group {group_id} (demo: prepare, run in parallel, then report): failed"
+    )
+    assert len(group.lines) == 8
+    # Each event line: date, time, from, ->, to, actor, message.
+    events = timeline.lines[timeline.lines.index("events:") + 1 :]
+    submitted, claimed, retry, claimed_again, failed = (e.split(maxsplit=6) for e in events)
+    assert [e[2:5] for e in (submitted, claimed, retry, claimed_again, failed)] == [
+        ["-", "->", "new"],
+        ["new", "->", "running"],
+        ["running", "->", "new"],
+        ["new", "->", "running"],
+        ["running", "->", "failed"],
+    ]
+    assert retry[6].startswith("attempt 1 failed: simulated host error; retry at ")
+    assert failed[6] == "attempt 2 failed: simulated host error"
+    assert done.code == 0, str(done)
+    assert done.lines == [f"{report['id']}  complete   noop"]
+
+
+def test_why_names_the_prerequisite_the_lock_holder_and_not_before(cli: Cli) -> None:
+    """`why` names all a new task waits for: its prerequisite, the running task holding its
+    lock, its not_before; `status` counts tasks and shows the dispatcher, which SIGTERM
+    stops cleanly."""
+    holder, later = str(uuid.uuid4()), str(uuid.uuid4())
+    for result in cli.run_all(
+        ["submit", "sleep", "--id", holder, "-p", "seconds=30", "--lock", "vm:web1"],
+        ["submit", "noop", "--id", later, "--not-before", "2h"],
+    ):
+        assert result.code == 0, str(result)
+    dispatch = ("dispatcher", "--workers", "2", "--poll", "0.2", "--grace", "0.2")
+    with cli.background(*dispatch) as dispatcher, open_queue(str(cli.url)) as queue:
+        blocked = cli.submit("noop", "--after", later, "--lock", "vm:web1", "--not-before", "1h")
+        wait_until(lambda: queue.get(holder).state is State.RUNNING, 20, "the lock holder to run")
+        why, status = cli.run_all(["why", blocked], ["--json", "status"])
+        stopped = dispatcher.stop()
+
+    assert why.lines[0] == f"- waits for prerequisite {later} (noop), which is new"
+    assert why.lines[1].startswith(f"- lock vm:web1 is held by task {holder} (running) since ")
+    assert why.lines[2].startswith("- not before ")
+    assert len(why.lines) == 3
+    assert status.json()["counts"] == {
+        **dict.fromkeys(("waiting", "complete", "failed", "cancelled"), 0),
+        "new": 2,
+        "running": 1,
+    }
+    [alive] = status.json()["dispatchers"]
+    assert (alive["pid"], alive["workers"]) == (dispatcher.proc.pid, 2)
+    assert stopped.code == 0, str(stopped)
+    assert "SIGTERM: stopping" in stopped.stderr
+
+
+def test_cancel_is_transitive_and_retry_revives(sqlite_cli: Cli) -> None:
+    """A group read from stdin, a chain a -> b -> c: cancelling a cancels b and c;
+    retrying a brings all three back to new."""
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    chain = {
+        "name": "chain",
+        "tasks": [
+            {"name": "a", "action": "noop", "not_before": later},
+            {"name": "b", "action": "noop", "after": ["a"]},
+            {"name": "c", "action": "noop", "after": ["b"]},
+        ],
+    }
+    submitted = sqlite_cli.ok("--json", "submit-group", "-", stdin=json.dumps(chain)).json()
+    a, b, c = (t["id"] for t in submitted["tasks"])
+    assert submitted["group"]["name"] == "chain"
+
+    assert states(sqlite_cli.ok("cancel", a)) == {a: "cancelled", b: "cancelled", c: "cancelled"}
+    assert states(sqlite_cli.ok("retry", a)) == {a: "new", b: "new", c: "new"}
+
+
+def test_list_filters_pages_and_prints_json(sqlite_cli: Cli, sqlite_url: str) -> None:
+    """`list` shows tasks newest first, filtered by states, action and group, a page at a
+    time (--limit, --cursor)."""
+    with open_queue(sqlite_url) as queue:
+        _, grouped = queue.submit_group([TaskSpec("noop"), TaskSpec("sleep")])
+        sleeping = queue.submit("sleep")
+        gone = queue.submit("noop")
+        queue.cancel(gone.id)
+    newest_first = [str(t.id) for t in (gone, sleeping, grouped[1], grouped[0])]
+
+    table, noops, group, page = sqlite_cli.run_all(
+        ["list"],
+        ["--json", "list", "--state", "cancelled", "--state", "new", "--action", "noop"],
+        ["--json", "list", "--group", str(grouped[0].group_id)],
+        ["--json", "list", "--limit", "3"],
+    )
+    assert table.lines[0].split() == ["ID", "STATE", "ACTION", "TRY", "CREATED"]
+    assert [line.split()[:3] for line in table.lines[1:]] == [
+        [str(gone.id), "cancelled", "noop"],
+        [str(sleeping.id), "new", "sleep"],
+        [str(grouped[1].id), "new", "sleep"],
+        [str(grouped[0].id), "new", "noop"],
+    ]
+    assert ids(noops) == [str(gone.id), str(grouped[0].id)]
+    assert ids(group) == newest_first[2:]
+    assert ids(page) == newest_first[:3]
+    rest = sqlite_cli.json("list", "--limit", "3", "--cursor", str(page.json()["next_cursor"]))
+    assert [t["id"] for t in rest["tasks"]] == newest_first[3:]
+    assert rest["next_cursor"] is None
+
+
+def test_actions_lists_builtin_and_loaded_actions_without_a_database(home_cli: Cli) -> None:
+    """`actions` shows every registered action with its parameters, `--actions` adds a
+    module's; it needs no database (here: one that cannot be reached)."""
+    builtin, loaded = home_cli.run_all(
+        ["--database-url", CLOSED_PORT_URL, "actions"],
+        ["--database-url", CLOSED_PORT_URL, "--actions", ACTIONS_MODULE, "--json", "actions"],
+    )
+    assert builtin.code == 0, str(builtin)
+    assert any(line.startswith("sleep(seconds: float = 1.0)  Sleep ") for line in builtin.lines)
+    assert loaded.json()["demo.provision"] == {
+        "help": "Provision a machine (a stand-in that reports what it was asked).",
+        "params": {
+            "vm": {"type": "str", "required": True},
+            "host": {"type": "str", "required": False, "default": "any"},
+            "memory_mb": {"type": "int", "required": False, "default": 1024},
+        },
+    }
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(home_cli: Cli) -> None:
+    """`taskomatic db schema | head -0`: the closed pipe ends the command quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before the command writes anything, so there is no race
+    try:
+        proc = subprocess.run(
+            [str(TASKOMATIC), "db", "schema"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=home_cli.env,
+            timeout=RUN_TIMEOUT_SECONDS,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+
+
+# -- failures: one line on stderr, their exit code, nothing harmed --------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A command that must fail: its arguments, exit code, and words its one line holds."""
+
+    name: str
+    args: tuple[str, ...]
+    code: int
+    says: str
+
+
+FILES = {
+    "plain-file": "not a directory",
+    "not-json.json": "{tasks: [noop]}",
+    "no-tasks.json": '{"name": "nightly"}',
+    "cycle.json": json.dumps(
+        {
+            "tasks": [
+                {"name": "a", "action": "noop", "after": ["b"]},
+                {"name": "b", "action": "noop", "after": ["a"]},
+            ]
+        }
+    ),
+    "bad-group-id.json": '{"id": "nightly", "tasks": [{"action": "noop"}]}',
+}
+"""Files with a mistake each, in the working directory of every FAILURES command."""
+
+FAILURES = [
+    Failure("unknown-action", ("submit", "vm.nope"), 2, "unknown action 'vm.nope'; registered"),
+    Failure("unknown-param", ("submit", "noop", "-p", "vm=web1"), 2, "has no parameter 'vm'"),
+    Failure(
+        "missing-param",
+        ("--actions", ACTIONS_MODULE, "submit", "demo.provision"),
+        2,
+        "action 'demo.provision' needs parameter 'vm'",
+    ),
+    Failure(
+        "wrong-type",
+        ("submit", "sleep", "-p", "seconds=soon"),
+        2,
+        "parameter 'seconds' must be a number, got 'soon'",
+    ),
+    Failure("param-without-value", ("submit", "sleep", "-p", "seconds"), 2, "is not KEY=VALUE"),
+    Failure(
+        "params-not-json",
+        ("submit", "sleep", "--params", "{seconds: 1}"),
+        2,
+        "--params is not valid JSON",
+    ),
+    Failure(
+        "unknown-prerequisite",
+        ("submit", "noop", "--after", UNKNOWN_ID),
+        2,
+        f"names prerequisite {UNKNOWN_ID}, which is neither an existing task",
+    ),
+    Failure("malformed-id", ("submit", "noop", "--id", "web1"), 2, "'web1' is not a UUID"),
+    Failure(
+        "bad-not-before",
+        ("submit", "noop", "--not-before", "soon"),
+        2,
+        "--not-before: not an ISO 8601 time: 'soon'; give an ISO 8601 time",
+    ),
+    Failure("bad-state", ("list", "--state", "done"), 2, "'done' is not one of 'new'"),
+    Failure("unknown-command", ("launch",), 2, "No such command 'launch'. (see 'taskomatic -h')"),
+    Failure("show-unknown", ("show", UNKNOWN_ID), 3, f"no task with id {UNKNOWN_ID}"),
+    Failure("why-unknown", ("why", UNKNOWN_ID), 3, f"no task with id {UNKNOWN_ID}"),
+    Failure("cancel-unknown", ("cancel", UNKNOWN_ID), 3, f"no task with id {UNKNOWN_ID}"),
+    Failure(
+        "cancel-complete",
+        ("cancel", DONE_ID),
+        4,
+        f"task {DONE_ID} is complete; it cannot move to cancelled",
+    ),
+    Failure(
+        "wait-times-out",
+        ("wait", QUEUED_ID, "--timeout", "0.2"),
+        6,
+        "1 of 1 tasks not finished after 0.2s",
+    ),
+    Failure("group-missing-file", ("submit-group", "nightly.json"), 2, "No such file"),
+    Failure("group-not-json", ("submit-group", "not-json.json"), 2, "not valid JSON"),
+    Failure("group-no-tasks", ("submit-group", "no-tasks.json"), 2, "with a 'tasks' list"),
+    Failure("group-cycle", ("submit-group", "cycle.json"), 2, "prerequisites form a cycle"),
+    Failure("group-bad-id", ("submit-group", "bad-group-id.json"), 2, "'nightly' is not a UUID"),
+    *(
+        Failure(
+            f"unreachable-postgresql-{args[0]}",
+            ("--database-url", CLOSED_PORT_URL, *args),
+            5,
+            "cannot reach the database at postgresql+psycopg://x@127.0.0.1:1/x: connection failed",
+        )
+        for args in (("status",), ("db", "init"))
+    ),
+    Failure(
+        "sqlite-directory-cannot-be-made",
+        ("--database-url", "sqlite:///plain-file/taskomatic.db", "status"),
+        5,
+        "cannot create the database at sqlite:///plain-file/taskomatic.db",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """One FAILURES case as it ran, with its own database before and after."""
+
+    result: Result
+    before: Snapshot
+    after: Snapshot
+
+
+@pytest.fixture(scope="module")
+def failed_runs(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    actions_path: Path,
+) -> dict[str, FailedRun]:
+    """The FAILURES cases this session runs, run at once, each on its own copy of an SQLite
+    queue holding a completed task DONE_ID, a new task QUEUED_ID and a task after it."""
+    cases = _selected_failures(request.session)
+    base = tmp_path_factory.mktemp("failures")
+    template = base / "template.db"
+    with open_queue(f"sqlite:///{template}") as queue:
+        queue.init_db()
+        run_to_completion(queue, queue.submit("noop", id=DONE_ID))
+        queued = queue.submit("sleep", {"seconds": 5}, id=QUEUED_ID, locks=["vm:web1"])
+        queue.submit("noop", after=[queued.id])
+    runs: list[tuple[Cli, tuple[str, ...]]] = []
+    for case in cases:
+        home = base / case.name
+        home.mkdir()
+        shutil.copy(template, home / "taskomatic.db")
+        for name, text in FILES.items():
+            (home / name).write_text(text)
+        runs.append((Cli(home, f"sqlite:///{home / 'taskomatic.db'}", actions_path), case.args))
+    before = [snapshot(str(cli.url)) for cli, _ in runs]
+    results = run_concurrently(runs)
+    return {
+        case.name: FailedRun(result, snap, snapshot(str(cli.url)))
+        for case, (cli, _), result, snap in zip(cases, runs, results, before, strict=True)
+    }
+
+
+def _selected_failures(session: pytest.Session) -> list[Failure]:
+    """The FAILURES cases among the tests this session runs (all, unless `-k` picks some)."""
+    chosen = {
+        item.callspec.params.get("case")
+        for item in session.items
+        if isinstance(item, pytest.Function) and hasattr(item, "callspec")
+    }
+    return [case for case in FAILURES if case in chosen]
+
+
+@pytest.mark.parametrize("case", FAILURES, ids=[case.name for case in FAILURES])
+def test_failure_is_one_line_with_its_exit_code_and_harms_nothing(
+    case: Failure, failed_runs: dict[str, FailedRun]
+) -> None:
+    """Bad input, an unknown task, a wrong state, a database out of reach: each earns one
+    line on stderr (no traceback), its own exit code, at once; what was queued is intact."""
+    run = failed_runs[case.name]
+    run.result.error(case.code, case.says)
+    assert len(run.before["tasks"]) == 3
+    assert run.after == run.before
+
+
+def test_postgresql_without_the_schema_says_to_run_db_init(
+    pg_cluster: PostgresCluster | ExternalPostgres, tmp_path: Path, actions_path: Path
+) -> None:
+    """A PostgreSQL database without the schema is refused with the command that fixes it;
+    `db init` creates the schema, and the queue works (also while `db init` runs again)."""
+    name = f"taskomatic_noschema_{uuid.uuid4().hex[:8]}"
+    pg_cluster.create_database(name)
+    try:
+        cli = Cli(tmp_path / "home", pg_cluster.url(name), actions_path)
+        refused = cli.run("submit", "noop")
+        refused.error(5, f"no taskomatic schema in {cli.url}; run `taskomatic db init` first")
+        assert cli.ok("db", "init").stdout.startswith("schema version 1 ready at postgresql")
+        again, submitted = cli.run_all(["db", "init"], ["submit", "noop"])
+        assert again.code == submitted.code == 0, f"{again}\n{submitted}"
+    finally:
+        pg_cluster.terminate_connections(name)
+        pg_cluster.drop_database(name)

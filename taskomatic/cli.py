@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import registry
-from taskomatic.model import TERMINAL, Group, State, Task
+from taskomatic.model import TERMINAL, Group, HostState, State, Task
 from taskomatic.queue import Queue
 from taskomatic.submission import TaskSpec, parse_time
 
@@ -83,13 +83,10 @@ class App:
         return self._queue
 
     def _open(self) -> Queue:
-        try:
-            return Queue.open(self.database_url, actor=f"cli:{_user()}")
-        except OSError as exc:  # SQLite: the database file's directory cannot be created
-            raise errors.DatabaseUnavailable(
-                f"cannot create the database at {_safe_url(self.database_url)}: "
-                f"{exc.strerror or exc}: {exc.filename}; give another path with --database-url"
-            ) from None
+        # Someone at a prompt wants to hear soon that the database went away mid-command.
+        return Queue.open(
+            self.database_url, actor=f"cli:{_user()}", give_up=defaults.CLI_DB_GIVE_UP_SECONDS
+        )
 
     def _schema_version(self, queue: Queue) -> int | None:
         """The first contact with the database, deliberately not retried.
@@ -144,7 +141,9 @@ def _exit_code(exc: errors.TaskomaticError) -> int:
         (errors.ActionImportError, EXIT_BAD_INPUT),
         (errors.TaskNotFound, EXIT_NOT_FOUND),
         (errors.GroupNotFound, EXIT_NOT_FOUND),
+        (errors.HostNotFound, EXIT_NOT_FOUND),
         (errors.Conflict, EXIT_CONFLICT),
+        (errors.HostConflict, EXIT_CONFLICT),
         (errors.InvalidTransition, EXIT_CONFLICT),
         (errors.DatabaseUnavailable, EXIT_DATABASE),
         (errors.SchemaError, EXIT_DATABASE),
@@ -510,6 +509,65 @@ def status(app: App) -> None:
     app.out(data, human)
 
 
+@main.group()
+def hosts() -> None:
+    """Manage the hypervisors libvirt actions run on (see docs/hosts.md)."""
+
+
+@command(hosts, "add")
+@click.argument("name")
+@click.argument("uri")
+@click.option("--capacity", type=int, help="Most VMs to place on it (default: no limit).")
+def hosts_add(app: App, name: str, uri: str, capacity: int | None) -> None:
+    """Register host NAME at libvirt URI (qemu+tls://h/system, qemu+ssh://…, test:///…)."""
+    host = app.queue().hosts.add(name, uri, capacity=capacity)
+    app.out(host.to_dict(), lambda: click.echo(f"{host.name}  {host.state}  {host.uri}"))
+
+
+@command(hosts, "list")
+@click.option("--state", type=click.Choice([s.value for s in HostState]), help="Only these.")
+def hosts_list(app: App, state: str | None) -> None:
+    """The hosts, by name."""
+    found = app.queue().hosts.list(state)
+
+    def human() -> None:
+        if not found:
+            click.echo("no hosts; add one with `taskomatic hosts add NAME URI`")
+            return
+        click.echo(f"{'NAME':<16} {'STATE':<12} {'CAPACITY':>8}  URI")
+        for h in found:
+            capacity = "-" if h.capacity is None else str(h.capacity)
+            click.echo(f"{h.name:<16} {h.state:<12} {capacity:>8}  {h.uri}")
+
+    app.out([h.to_dict() for h in found], human)
+
+
+def _host_state_command(name: str, state: HostState, doc: str) -> None:
+    """`hosts maintenance` and `hosts activate`: one command each, the same code."""
+
+    @command(hosts, name, help=doc)
+    @click.argument("host")
+    def set_state(app: App, host: str) -> None:
+        changed = app.queue().hosts.set_state(host, state)
+        app.out(changed.to_dict(), lambda: click.echo(f"{changed.name}  {changed.state}"))
+
+
+_host_state_command(
+    "maintenance",
+    HostState.MAINTENANCE,
+    "Put HOST into maintenance: nothing new is placed on it; what runs there stays.",
+)
+_host_state_command("activate", HostState.ACTIVE, "Make HOST active again: new work may go there.")
+
+
+@command(hosts, "remove")
+@click.argument("host")
+def hosts_remove(app: App, host: str) -> None:
+    """Forget HOST (the hypervisor is untouched; tasks pinned to it will fail)."""
+    app.queue().hosts.remove(host)
+    app.out({"removed": host}, lambda: click.echo(f"removed {host}"))
+
+
 @command(main, "actions")
 def actions(app: App) -> None:
     """List the registered actions and their parameters."""
@@ -562,6 +620,13 @@ def actions(app: App) -> None:
     show_default=True,
     help="Seconds between safety polls.",
 )
+@click.option(
+    "--recovery",
+    type=float,
+    default=defaults.RECOVERY_SECONDS,
+    show_default=True,
+    help="Seconds between sweeps taking over tasks whose lease expired.",
+)
 @click.option("--until-empty", is_flag=True, help="Exit once no task is new, running or waiting.")
 @click.option(
     "--grace",
@@ -571,14 +636,22 @@ def actions(app: App) -> None:
     help="Seconds running actions get to finish on SIGTERM/SIGINT.",
 )
 def dispatcher(
-    app: App, workers: int, lease: float, poll: float, until_empty: bool, grace: float
+    app: App,
+    workers: int,
+    lease: float,
+    poll: float,
+    recovery: float,
+    until_empty: bool,
+    grace: float,
 ) -> None:
     """Run tasks until stopped (SIGTERM/SIGINT: finish running work, then exit 0)."""
     from taskomatic.dispatcher import Dispatcher
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    disp = Dispatcher(app.queue(), workers=workers, lease=lease, poll=poll)
+    queue = app.queue()
+    queue.give_up = defaults.DB_RETRY_GIVE_UP_SECONDS  # a service rides out an outage
+    disp = Dispatcher(queue, workers=workers, lease=lease, poll=poll, recovery=recovery)
     stops = 0
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -54,7 +54,10 @@ DB_RETRY_MAX_SECONDS = 5.0
 """Upper bound of the delay between database reconnection attempts (seconds)."""
 
 DB_RETRY_GIVE_UP_SECONDS = 300.0
-"""A producer call gives up after the database has been unreachable this long (seconds)."""
+"""A queue call gives up after the database has been unreachable this long (seconds)."""
+
+CLI_DB_GIVE_UP_SECONDS = 10.0
+"""The same for one CLI command (not the dispatcher): a person is waiting (seconds)."""
 
 SHUTDOWN_GRACE_SECONDS = 30.0
 """How long a stopping dispatcher lets running actions finish (seconds)."""

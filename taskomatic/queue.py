@@ -70,8 +70,10 @@ class Queue:
         registry: Registry | None = None,
         clock: Clock = utcnow,
         actor: str = "api",
+        give_up: float = defaults.DB_RETRY_GIVE_UP_SECONDS,
     ) -> None:
         self.store = store
+        self.give_up = give_up  # seconds of database outage after which a call fails
         self.registry = registry or default_registry
         self.now = clock
         self.actor = actor
@@ -108,7 +110,7 @@ class Queue:
     def _retrying(self, fn: Callable[[], T]) -> T:
         """Run `fn`, retrying it whole after a transient database error, with backoff."""
         delay = defaults.DB_RETRY_BASE_SECONDS
-        give_up = time.monotonic() + defaults.DB_RETRY_GIVE_UP_SECONDS
+        give_up = time.monotonic() + self.give_up
         while True:
             try:
                 return fn()

@@ -19,6 +19,17 @@ MAX_TIMEOUT_SECONDS = 10 * 365 * 24 * 3600.0
 """Longest task timeout; beyond it a deadline no longer fits a timestamp (seconds)."""
 
 
+_JSON_FIELDS = (
+    ("action", str, "a string"),
+    ("params", dict, "an object"),
+    ("id", str, "a UUID string"),
+    ("name", str, "a string"),
+    ("after", list, "a list of task ids or names"),
+    ("locks", list, "a list of lock keys"),
+)
+"""Fields of a task in JSON whose type is checked before anything reads them."""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task as a caller describes it.
@@ -51,6 +62,11 @@ class TaskSpec:
         if "action" not in data:
             raise errors.ValidationError("a task needs an 'action'", field="action")
         values = dict(data)
+        for name, kind, described in _JSON_FIELDS:
+            if name in values and values[name] is not None and not isinstance(values[name], kind):
+                raise errors.ValidationError(
+                    f"task field {name!r} must be {described}, got {values[name]!r}", field=name
+                )
         if isinstance(values.get("not_before"), str):
             values["not_before"] = parse_time(values["not_before"])
         return cls(**values)

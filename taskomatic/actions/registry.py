@@ -127,6 +127,11 @@ class Action:
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; InvalidParams naming the first problem."""
+        if params is not None and not isinstance(params, Mapping):
+            raise errors.InvalidParams(
+                f"params of action {self.name!r} must be an object, got {params!r}",
+                field="params",
+            )
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.params))
         if unknown:

@@ -524,12 +524,21 @@ class Store:
         """Tasks by id (with prerequisites), in the order of `ids`; missing ones left out."""
         if not ids:
             return []
-        p = s.task_prerequisites
-        prereqs: dict[uuid.UUID, list[uuid.UUID]] = {}
-        for r in conn.execute(sa.select(p).where(p.c.task_id.in_(ids))):
-            prereqs.setdefault(r.task_id, []).append(r.prerequisite_id)
+        prereqs = self._prerequisites_of(conn, ids)
         rows = {r.id: r for r in conn.execute(sa.select(t).where(t.c.id.in_(ids)))}
-        return [Task.from_row(rows[i], tuple(sorted(prereqs.get(i, ())))) for i in ids if i in rows]
+        return [Task.from_row(rows[i], prereqs.get(i, ())) for i in ids if i in rows]
+
+    def _prerequisites_of(
+        self, conn: sa.Connection, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[uuid.UUID, ...]]:
+        """The prerequisite ids of each of `ids` that has any, sorted."""
+        if not ids:
+            return {}
+        p = s.task_prerequisites
+        found: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for r in conn.execute(sa.select(p).where(p.c.task_id.in_(ids))):
+            found.setdefault(r.task_id, []).append(r.prerequisite_id)
+        return {tid: tuple(sorted(pre)) for tid, pre in found.items()}
 
     def list_tasks(
         self,
@@ -553,7 +562,9 @@ class Store:
             query = query.where(t.c.seq < before)
         rows = list(conn.execute(query))
         cursor = rows[limit - 1].seq if len(rows) > limit else None
-        return [Task.from_row(r) for r in rows[:limit]], cursor
+        rows = rows[:limit]
+        prereqs = self._prerequisites_of(conn, [r.id for r in rows])
+        return [Task.from_row(r, prereqs.get(r.id, ())) for r in rows], cursor
 
     def events(self, conn: sa.Connection, task_id: uuid.UUID) -> list[Event]:
         """The timeline of one task, oldest first."""

@@ -32,7 +32,13 @@ class SQLiteStore(Store):
                 field="database_url",
             )
         path = Path(url.database).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.DatabaseUnavailable(
+                f"cannot create the directory of the SQLite database {path}: "
+                f"{exc.strerror or exc}; give another path"
+            ) from None
         engine = sa.create_engine(
             url.set(database=str(path)),
             connect_args={

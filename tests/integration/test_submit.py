@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -351,6 +352,21 @@ def test_list_filters_by_state_action_and_group(queue: Queue) -> None:
     assert ids(state="new", action="noop") == {c.id}
 
 
+def test_listed_tasks_carry_their_prerequisites(queue: Queue) -> None:
+    """A listing shows what each task waits for, as `get` does."""
+    first = queue.submit("noop")
+    _, (second, third) = queue.submit_group(
+        [TaskSpec("noop", name="s", after=[first.id]), TaskSpec("noop", after=["s", first.id])]
+    )
+    listed = {t.id: t.prerequisites for t in queue.list().tasks}
+    assert listed == {
+        first.id: (),
+        second.id: (first.id,),
+        third.id: tuple(sorted([first.id, second.id])),
+    }
+    assert listed[third.id] == queue.get(third.id).prerequisites
+
+
 def test_list_pages_cover_every_task_once_newest_first(queue: Queue) -> None:
     """Following the cursor visits each task exactly once, in reverse submission order."""
     submitted = [t.id for t in queue.submit_many([TaskSpec("noop") for _ in range(17)])]
@@ -423,3 +439,16 @@ def test_submit_on_a_database_without_schema_says_to_init(db_url: str) -> None:
         assert queue.submit("noop").state is State.NEW
         with queue.store.read() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(s.tasks)).scalar() == 1
+
+
+def test_an_unreachable_database_is_given_up_on_after_give_up_seconds() -> None:
+    """A queue retries a lost database with backoff, then fails with DatabaseUnavailable;
+    `give_up` bounds how long (the CLI uses a short one: a person is waiting)."""
+    queue = Queue.open("postgresql+psycopg://x@127.0.0.1:1/x", give_up=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(errors.DatabaseUnavailable, match="database unavailable"):
+            queue.submit("noop")
+    finally:
+        queue.close()
+    assert time.monotonic() - started < 30  # far below the 300 s a dispatcher rides out

@@ -253,6 +253,30 @@ def test_spec_from_dict_parses_and_rejects() -> None:
         TaskSpec.from_dict({"params": {}})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("locks", "vm:web1", "must be a list of lock keys"),
+        ("after", "abc", "must be a list of task ids or names"),
+        ("params", [1], "must be an object"),
+        ("action", 7, "must be a string"),
+    ],
+)
+def test_spec_from_dict_checks_json_types(field: str, value: Any, says: str) -> None:
+    """A string where a list belongs is refused, never read letter by letter as seven
+    one-character lock keys or prerequisites."""
+    data = {"action": "noop", field: value}
+    with pytest.raises(errors.ValidationError, match=f"task field '{field}' {says}") as caught:
+        TaskSpec.from_dict(data)
+    assert caught.value.field == field
+
+
+def test_params_that_are_not_an_object_are_invalid(registry: Registry) -> None:
+    """Params given as a list (from JSON, say) are a clear InvalidParams, not a crash."""
+    with pytest.raises(errors.InvalidParams, match="must be an object, got \\[1\\]"):
+        prepare([TaskSpec("noop", [1])], registry)  # type: ignore[arg-type]
+
+
 def test_parse_time_requires_a_timezone() -> None:
     """A local time without a zone is ambiguous, so it is refused with an example fix."""
     assert parse_time("2030-01-01T10:00+02:00") == datetime(2030, 1, 1, 8, tzinfo=UTC)

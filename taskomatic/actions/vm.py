@@ -339,7 +339,8 @@ def migrate(ctx: Context) -> dict[str, Any]:
             _live_migrate(fleet, source, target, p["copy_storage"])
         else:
             _offline_migrate(fleet, source, target)
-    return _finish_move(fleet, name, fleet.need_vm(name, target.name), [source])
+    # Looked up afresh: a live migration has undefined the source; an offline one has not yet.
+    return _finish_move(fleet, name, fleet.need_vm(name, target.name), fleet.find_copies(name))
 
 
 def check_migrate(ctx: Context) -> Check:

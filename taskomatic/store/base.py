@@ -30,6 +30,13 @@ from taskomatic.model import (
 
 t = s.tasks
 
+# Written as SQL literals, not parameters, so that the partial indexes on live tasks
+# (tasks_ready, tasks_scheduled: "state = 'new' AND pending = 0") stay usable when
+# PostgreSQL switches a prepared statement to its generic plan; with parameters that plan
+# cannot prove the index predicate and scans the history.
+_IS_NEW = t.c.state == sa.literal_column(f"'{State.NEW.value}'")
+_READY = sa.and_(_IS_NEW, t.c.pending == sa.literal_column("0"))
+
 
 @dataclass(frozen=True)
 class Change:
@@ -204,7 +211,7 @@ class Store:
         )
         return (
             sa.select(t)
-            .where(t.c.state == State.NEW, t.c.pending == 0, t.c.not_before <= now)
+            .where(_READY, t.c.not_before <= now)
             .where(~lock_held.exists())
             .order_by(t.c.priority.desc(), t.c.seq)
         )
@@ -216,9 +223,7 @@ class Store:
     def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
         """When the next unblocked task's not_before passes (to set the dispatcher's timer)."""
         return conn.execute(
-            sa.select(sa.func.min(t.c.not_before)).where(
-                t.c.state == State.NEW, t.c.pending == 0, t.c.not_before > now
-            )
+            sa.select(sa.func.min(t.c.not_before)).where(_READY, t.c.not_before > now)
         ).scalar()
 
     # -- claim -----------------------------------------------------------------------------
@@ -381,16 +386,20 @@ class Store:
         if not completed:
             return
         p = s.task_prerequisites
-        done_here = (
-            sa.select(sa.func.count())
-            .where(p.c.task_id == t.c.id, p.c.prerequisite_id.in_(completed))
-            .scalar_subquery()
-        )
-        dependents = sa.select(p.c.task_id).where(p.c.prerequisite_id.in_(completed))
+        # Two index lookups rather than one UPDATE … WHERE id IN (subquery): PostgreSQL
+        # plans that as a join over the whole table, whose cost grows with history.
+        counts = conn.execute(
+            sa.select(p.c.task_id, sa.func.count().label("done"))
+            .where(p.c.prerequisite_id.in_(completed))
+            .group_by(p.c.task_id)
+        ).all()
+        if not counts:
+            return
         conn.execute(
             t.update()
-            .where(t.c.id.in_(dependents), t.c.state == State.NEW)
-            .values(pending=t.c.pending - done_here, updated_at=now)
+            .where(t.c.id == sa.bindparam("tid"), _IS_NEW)
+            .values(pending=t.c.pending - sa.bindparam("done"), updated_at=now),
+            [{"tid": tid, "done": done} for tid, done in counts],
         )
 
     def dependents(

@@ -1,6 +1,6 @@
 -- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
 
--- Schema version 1.
+-- Schema version 2.
 
 CREATE SEQUENCE tasks_seq;
 
@@ -40,6 +40,39 @@ CREATE TABLE task_groups (
 	created_by TEXT, 
 	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
 	PRIMARY KEY (id)
+);
+
+CREATE TABLE host_inventory (
+	host TEXT NOT NULL, 
+	reachable BOOLEAN NOT NULL, 
+	since TIMESTAMP WITH TIME ZONE NOT NULL, 
+	error TEXT, 
+	hostname TEXT, 
+	libvirt_version TEXT, 
+	hypervisor TEXT, 
+	cpus INTEGER, 
+	memory_kib BIGINT, 
+	free_memory_kib BIGINT, 
+	confirmed_at TIMESTAMP WITH TIME ZONE, 
+	synced_at TIMESTAMP WITH TIME ZONE, 
+	valid_until TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (host), 
+	FOREIGN KEY(host) REFERENCES hosts (name) ON DELETE CASCADE
+);
+
+CREATE TABLE pool_inventory (
+	host TEXT NOT NULL, 
+	name TEXT NOT NULL, 
+	uuid TEXT NOT NULL, 
+	state TEXT NOT NULL, 
+	persistent BOOLEAN NOT NULL, 
+	autostart BOOLEAN NOT NULL, 
+	capacity BIGINT, 
+	allocation BIGINT, 
+	available BIGINT, 
+	confirmed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (host, name), 
+	FOREIGN KEY(host) REFERENCES hosts (name) ON DELETE CASCADE
 );
 
 CREATE TABLE tasks (
@@ -85,6 +118,26 @@ CREATE INDEX tasks_scheduled ON tasks (not_before) WHERE state = 'new' AND pendi
 
 CREATE INDEX tasks_state_seq ON tasks (state, seq);
 
+CREATE TABLE vm_inventory (
+	host TEXT NOT NULL, 
+	uuid TEXT NOT NULL, 
+	name TEXT NOT NULL, 
+	state TEXT NOT NULL, 
+	reason TEXT, 
+	since TIMESTAMP WITH TIME ZONE NOT NULL, 
+	persistent BOOLEAN NOT NULL, 
+	vcpus INTEGER, 
+	memory_kib BIGINT, 
+	max_memory_kib BIGINT, 
+	disks JSONB NOT NULL, 
+	snapshots JSONB NOT NULL, 
+	confirmed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (host, uuid), 
+	FOREIGN KEY(host) REFERENCES hosts (name) ON DELETE CASCADE
+);
+
+CREATE INDEX vm_inventory_name ON vm_inventory (name);
+
 CREATE TABLE held_locks (
 	key TEXT NOT NULL, 
 	task_id UUID NOT NULL, 
@@ -126,3 +179,16 @@ CREATE TABLE task_prerequisites (
 );
 
 CREATE INDEX task_prerequisites_dependents ON task_prerequisites (prerequisite_id);
+
+CREATE TABLE volume_inventory (
+	host TEXT NOT NULL, 
+	pool TEXT NOT NULL, 
+	name TEXT NOT NULL, 
+	path TEXT, 
+	kind TEXT, 
+	capacity BIGINT, 
+	allocation BIGINT, 
+	confirmed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	PRIMARY KEY (host, pool, name), 
+	FOREIGN KEY(host, pool) REFERENCES pool_inventory (host, name) ON DELETE CASCADE
+);

@@ -95,3 +95,14 @@ VM_SHUTDOWN_TIMEOUT_SECONDS = 120.0
 
 HOST_STATE_POLL_SECONDS = 0.2
 """How often an action re-reads an object's state while waiting for it to change (seconds)."""
+
+INVENTORY_SYNC_SECONDS = 30.0
+"""Interval between full inventory syncs of every host, which repair missed events (seconds)."""
+
+INVENTORY_VALID_SYNCS = 3
+"""A host's inventory counts as current for this many sync intervals after its last answer;
+after that its VMs read "unknown" (count of INVENTORY_SYNC_SECONDS)."""
+
+INVENTORY_EVENT_BATCH_SECONDS = 0.05
+"""How long the inventory gathers libvirt events before reading and writing them at once
+(seconds)."""

@@ -18,6 +18,7 @@ from taskomatic.model import Task
 from taskomatic.queue import Outcome, Queue
 from taskomatic.virt.connections import Connections
 from taskomatic.virt.fleet import Fleet
+from taskomatic.virt.inventory import InventoryKeeper
 from taskomatic.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,19 @@ class Dispatcher:
         poll: float = defaults.SAFETY_POLL_SECONDS,
         recovery: float = defaults.RECOVERY_SECONDS,
         fleet: Fleet | None = None,
+        inventory: bool = False,
+        inventory_interval: float = defaults.INVENTORY_SYNC_SECONDS,
     ) -> None:
         self.queue = queue
         # Host connections outlive a dispatcher when the caller passes them (tests, embedding).
         self.fleet = fleet or Fleet(queue.hosts, Connections())
+        # Keeps the inventory of the hosts current, on this fleet's connections (the CLI's
+        # dispatcher does; embedded ones ask for it).
+        self.inventory = (
+            InventoryKeeper(self.fleet.inventory, self.fleet, inventory_interval)
+            if inventory
+            else None
+        )
         self.id = uuid.uuid4()
         self.lease = lease
         self.poll = poll
@@ -97,9 +107,15 @@ class Dispatcher:
         self.queue._watcher.ensure_started()
         log.info("dispatcher %s started with %d workers", self.id, self.pool.size)
         try:
+            if self.inventory is not None:
+                self.inventory.start()
             self._loop(until_empty)
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                if self.inventory is not None:
+                    self.inventory.stop()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -135,6 +151,8 @@ class Dispatcher:
                 continue
             for outcome in pending:
                 self.running.pop(outcome.task.id, None)
+                if outcome.ok and self.inventory is not None:
+                    self.inventory.note(outcome.result)  # e.g. a snapshot: no libvirt event
             for tid, state in result.refused.items():
                 log.info(
                     "outcome of task %s discarded: it is %s, no longer ours",

@@ -229,3 +229,9 @@ class NoHostAvailable(ActionError):
     """No active host can take the work; hosts in maintenance or full are never chosen."""
 
     code = "no_host"
+
+
+class InventoryNotCurrent(TaskomaticError):
+    """The inventory of a host is not current enough to act on; a dispatcher keeps it."""
+
+    code = "inventory_not_current"

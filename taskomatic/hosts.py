@@ -23,6 +23,11 @@ class Hosts:
     def __init__(self, queue: Queue) -> None:
         self._queue = queue
 
+    @property
+    def queue(self) -> Queue:
+        """The queue whose transactions these rows live in."""
+        return self._queue
+
     def add(self, name: str, uri: str, *, capacity: int | None = None) -> Host:
         """Register a host (active); the same name, URI and capacity again returns it."""
         _check_name(name)

@@ -11,8 +11,11 @@ from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from taskomatic.model import LIVE, HostState, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
+
+ADDITIVE_UPGRADES = frozenset({1})
+"""Versions `db init` upgrades by creating the tables they lack (2 added the inventory)."""
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -187,6 +190,80 @@ hosts = sa.Table(
     sa.Column("changed_at", UTCDateTime, nullable=False),
     sa.CheckConstraint(f"state IN ({HOST_STATES})", name="hosts_state"),
     sa.CheckConstraint("capacity IS NULL OR capacity >= 0", name="hosts_capacity"),
+)
+
+
+# -- the inventory: what the hosts last reported (kept by taskomatic.virt.inventory) -------------
+# Rows are written only when what a host reports changes; a full sync that finds nothing new
+# only moves `host_inventory.synced_at`, which confirms every row of that host.
+
+host_inventory = sa.Table(
+    "host_inventory",
+    metadata,
+    sa.Column("host", sa.Text, sa.ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("reachable", sa.Boolean, nullable=False),
+    sa.Column("since", UTCDateTime, nullable=False),  # when `reachable` last changed
+    sa.Column("error", sa.Text),  # why it is unreachable
+    sa.Column("hostname", sa.Text),
+    sa.Column("libvirt_version", sa.Text),
+    sa.Column("hypervisor", sa.Text),  # driver and its version, e.g. "QEMU 7.2.0"
+    sa.Column("cpus", sa.Integer),
+    sa.Column("memory_kib", sa.BigInteger),
+    sa.Column("free_memory_kib", sa.BigInteger),
+    sa.Column("confirmed_at", UTCDateTime),  # last answer from the host
+    sa.Column("synced_at", UTCDateTime),  # last full sync: confirms every row of the host
+    # Set by the dispatcher keeping it (a few sync intervals ahead): past it, nobody does.
+    sa.Column("valid_until", UTCDateTime, nullable=False),
+)
+
+vm_inventory = sa.Table(
+    "vm_inventory",
+    metadata,
+    sa.Column("host", sa.Text, sa.ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("uuid", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("since", UTCDateTime, nullable=False),  # when this state was first seen
+    sa.Column("persistent", sa.Boolean, nullable=False),
+    sa.Column("vcpus", sa.Integer),
+    sa.Column("memory_kib", sa.BigInteger),
+    sa.Column("max_memory_kib", sa.BigInteger),
+    sa.Column("disks", JSON, nullable=False),  # [{target, source, format, backing: [...]}]
+    sa.Column("snapshots", JSON, nullable=False),  # names
+    sa.Column("confirmed_at", UTCDateTime, nullable=False),  # last written from the host
+)
+sa.Index("vm_inventory_name", vm_inventory.c.name)
+
+pool_inventory = sa.Table(
+    "pool_inventory",
+    metadata,
+    sa.Column("host", sa.Text, sa.ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("uuid", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("persistent", sa.Boolean, nullable=False),
+    sa.Column("autostart", sa.Boolean, nullable=False),
+    sa.Column("capacity", sa.BigInteger),  # bytes
+    sa.Column("allocation", sa.BigInteger),
+    sa.Column("available", sa.BigInteger),
+    sa.Column("confirmed_at", UTCDateTime, nullable=False),
+)
+
+volume_inventory = sa.Table(
+    "volume_inventory",
+    metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("pool", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("path", sa.Text),
+    sa.Column("kind", sa.Text),
+    sa.Column("capacity", sa.BigInteger),  # bytes
+    sa.Column("allocation", sa.BigInteger),
+    sa.Column("confirmed_at", UTCDateTime, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["host", "pool"], ["pool_inventory.host", "pool_inventory.name"], ondelete="CASCADE"
+    ),
 )
 
 

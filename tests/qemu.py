@@ -128,6 +128,11 @@ class StorageDaemon:
         """A directory the daemon's user may create pool directories in."""
         return self.base / "pools"
 
+    @property
+    def socket(self) -> Path:
+        """Its unix socket: `test+unix:///default?socket=…` reaches its test driver."""
+        return self.base / "run" / "libvirt" / "libvirt-sock"
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -178,7 +183,7 @@ def start_storage_daemon() -> StorageDaemon:
     socket = base / "run" / "libvirt" / "libvirt-sock"
     daemon = StorageDaemon(process, base, f"qemu+unix:///session?socket={socket}", log)
     deadline = time.monotonic() + DAEMON_START_SECONDS
-    while not socket.exists():
+    while not daemon.socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             daemon.stop()
             output = daemon.output()

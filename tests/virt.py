@@ -35,9 +35,11 @@ from helpers import OffsetClock, claim, open_queue
 
 from taskomatic import Check, Context, Dispatcher, Queue, Registry, Task, TaskSpec
 from taskomatic.actions.domains import STATE_NAMES
+from taskomatic.inventory import Inventory
 from taskomatic.model import HostState
 from taskomatic.virt.connections import Connections, is_error
 from taskomatic.virt.fleet import Fleet
+from taskomatic.virt.inventory import InventoryKeeper
 
 VM_MIB = 256
 """Memory of every VM in the node files (MiB)."""
@@ -72,6 +74,16 @@ def vm(host: str, kind: str) -> str:
     return f"{host}-{kind}"
 
 
+def vm_uuid(index: int, kind: str) -> str:
+    """The UUID of VM `<host>-<kind>` in the node file of the `index`th host (from 1)."""
+    return f"{index:08x}-0000-0000-0000-{list(KINDS).index(kind) + 1:012x}"
+
+
+def pool_uuid(index: int) -> str:
+    """The UUID of the pool POOL in the node file of the `index`th host (from 1)."""
+    return f"{index:08x}-1111-0000-0000-000000000000"
+
+
 def domain_xml(name: str, memory_mib: int = VM_MIB, uuid_: str | None = None) -> str:
     """Minimal domain XML of a VM for the test driver (a `test` guest, i686 hvm)."""
     return (
@@ -86,12 +98,12 @@ def node_xml(spec: HostSpec, index: int) -> str:
     """The node file of a simulated host (UUIDs are unique per host, so a migrated VM keeps
     its own and never clashes with one already on the target)."""
     domains = []
-    for n, (kind, runstate) in enumerate(KINDS.items(), start=1):
+    for kind, runstate in KINDS.items():
         name = vm(spec.name, kind)
         poweroff = "<on_poweroff>restart</on_poweroff>" if kind == "stubborn" else ""
         domains.append(
             f"<domain type='test' xmlns:test='{_TEST_NS}'>"
-            f"<name>{name}</name><uuid>{index:08x}-0000-0000-0000-{n:012x}</uuid>"
+            f"<name>{name}</name><uuid>{vm_uuid(index, kind)}</uuid>"
             f"<memory unit='MiB'>{VM_MIB}</memory><currentMemory unit='MiB'>{VM_MIB}"
             "</currentMemory><vcpu>1</vcpu><os><type arch='i686'>hvm</type></os>"
             f"{poweroff}<devices><disk type='file' device='disk'>"
@@ -99,9 +111,9 @@ def node_xml(spec: HostSpec, index: int) -> str:
             "<target dev='vda' bus='virtio'/></disk></devices>"
             f"<test:runstate>{runstate}</test:runstate></domain>"
         )
-    volumes = [f"{vm(spec.name, kind)}.qcow2" for kind in KINDS] + ["spare.qcow2"]
+    volumes = pool_volumes(spec.name)
     pool = (
-        f"<pool type='dir'><name>{POOL}</name><uuid>{index:08x}-1111-0000-0000-000000000000</uuid>"
+        f"<pool type='dir'><name>{POOL}</name><uuid>{pool_uuid(index)}</uuid>"
         f"<target><path>/{POOL}-{spec.name}</path></target>"
         + "".join(
             f"<volume><name>{v}</name><capacity unit='GiB'>10</capacity>"
@@ -120,6 +132,11 @@ def node_xml(spec: HostSpec, index: int) -> str:
         + f"<network><name>{NETWORK}</name><bridge name='virbr{index}'/><forward/>"
         f"<ip address='192.168.{100 + index}.1' netmask='255.255.255.0'/></network></node>"
     )
+
+
+def pool_volumes(host: str) -> list[str]:
+    """The volumes of POOL in the node file of `host`: one per VM, and a spare."""
+    return [f"{vm(host, kind)}.qcow2" for kind in KINDS] + ["spare.qcow2"]
 
 
 class CountingRegistry(Registry):
@@ -233,6 +250,27 @@ class Lab:
                 },
             }
         return out
+
+    # -- the inventory -------------------------------------------------------------------
+
+    @property
+    def inventory(self) -> Inventory:
+        """What the inventory holds (the fleet's, as placement reads it)."""
+        return self.fleet.inventory
+
+    @contextlib.contextmanager
+    def keeper(self, interval: float = 60.0, thread: bool = True) -> Iterator[InventoryKeeper]:
+        """An InventoryKeeper on this lab's fleet, every host synced once on entry; then as a
+        dispatcher runs it (its own thread, syncing every `interval` s, events as they come),
+        or with `thread=False` only when the test calls `sync()` (events applied then too)."""
+        keeper = InventoryKeeper(self.inventory, self.fleet, interval)
+        if thread:
+            keeper.start()
+        try:
+            keeper.sync()
+            yield keeper
+        finally:
+            keeper.stop()
 
     # -- running actions -----------------------------------------------------------------
 

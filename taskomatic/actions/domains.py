@@ -51,6 +51,21 @@ def describe(host: Host, dom: libvirt.virDomain) -> dict[str, Any]:
     }
 
 
+_KIB_PER_UNIT = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024}
+_KIB_PER_UNIT |= {"m": 1024, "mib": 1024, "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2}
+_KIB_PER_UNIT |= {"gb": 1000**3 / 1024, "t": 1024**3, "tib": 1024**3, "tb": 1000**4 / 1024}
+
+
+def memory_kib(elem: ET.Element | None) -> int | None:
+    """KiB in a domain XML's <memory> or <currentMemory> (any of libvirt's units); None if
+    the element is missing or holds no number."""
+    if elem is None or not (elem.text or "").strip().isdigit():
+        return None
+    return int(
+        int((elem.text or "").strip()) * _KIB_PER_UNIT.get(elem.get("unit", "KiB").lower(), 1)
+    )
+
+
 def xml_name(xml: str) -> str:
     """The <name> of a domain XML document; ActionFailed if it has none or is not XML."""
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from taskomatic import defaults
+from taskomatic import defaults, errors
 from taskomatic.actions.registry import Check, Context, Param, Registry
 from taskomatic.model import HostState
 
@@ -27,6 +27,12 @@ def register(registry: Registry) -> None:
             check=_check(wanted),
             max_attempts=defaults.HOST_ACTION_MAX_ATTEMPTS,
         )(fn)
+    registry.action(
+        "host.verify_empty",
+        params={"name": NAME, "pools": Param(bool, default=True, help="storage pools too")},
+        locks=_locks,
+        max_attempts=defaults.HOST_ACTION_MAX_ATTEMPTS,
+    )(verify_empty)
 
 
 def _locks(params: Mapping[str, Any]) -> Iterable[str]:
@@ -53,3 +59,19 @@ def activate(ctx: Context) -> dict[str, Any]:
     with ctx.hosts.call(host, "checking the host answers") as conn:
         conn.getInfo()
     return ctx.hosts.hosts.set_state(host.name, HostState.ACTIVE).to_dict()
+
+
+def verify_empty(ctx: Context) -> dict[str, Any]:
+    """Fail unless the host has no VMs (and no storage pools): the last step of a clear."""
+    host = ctx.hosts.host(ctx.params["name"])
+    with ctx.hosts.call(host, "listing what is left on the host") as conn:
+        vms = sorted(d.name() for d in conn.listAllDomains(0))
+        pools = sorted(p.name() for p in conn.listAllStoragePools(0)) if ctx.params["pools"] else []
+    if vms or pools:
+        left = [f"vm(s) {', '.join(vms)}"] if vms else []
+        left += [f"pool(s) {', '.join(pools)}"] if pools else []
+        raise errors.ActionFailed(
+            f"host {host.name!r} still has {' and '.join(left)}, defined after the clear was "
+            "planned; clear it again"
+        )
+    return {"host": host.name, "empty": True}

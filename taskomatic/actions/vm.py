@@ -189,12 +189,7 @@ def check_define(ctx: Context) -> Check:
 def _memory_kib(p: Mapping[str, Any]) -> int:
     if p["xml"] is None:
         return int(p["memory_mib"]) * 1024
-    memory = ET.fromstring(p["xml"]).find("memory")
-    if memory is None or not (memory.text or "").strip().isdigit():
-        return 0
-    scale = {"b": 1 / 1024, "bytes": 1 / 1024, "kib": 1, "k": 1, "mib": 1024, "m": 1024}
-    scale |= {"gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
-    return int(int(memory.text or 0) * scale.get(memory.get("unit", "KiB").lower(), 1))
+    return domains.memory_kib(ET.fromstring(p["xml"]).find("memory")) or 0
 
 
 # --- lifecycle --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from taskomatic.model import (
     sources,
     target,
 )
+from taskomatic.store.inventory import InventoryStatements
 
 t = s.tasks
 
@@ -55,8 +56,11 @@ class Moved:
     refused: dict[uuid.UUID, State | None]
 
 
-class Store:
-    """SQL for both backends; a subclass per backend supplies the few dialect differences."""
+class Store(InventoryStatements):
+    """SQL for both backends; a subclass per backend supplies the few dialect differences.
+
+    The inventory's statements are in `store/inventory.py`, mixed in here.
+    """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -106,6 +110,11 @@ class Store:
         with self.write() as conn:
             found = conn.execute(sa.select(s.schema_version.c.version)).scalars().all()
             if not found:
+                conn.execute(
+                    s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
+                )
+            elif max(found) in s.ADDITIVE_UPGRADES:
+                # create_all above added the tables that version lacked; nothing else changed.
                 conn.execute(
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
@@ -525,6 +534,7 @@ class Store:
         return result.rowcount > 0
 
     def delete_host(self, conn: sa.Connection, name: str) -> bool:
+        """Forget a host; its inventory rows go with it (ON DELETE CASCADE)."""
         return conn.execute(s.hosts.delete().where(s.hosts.c.name == name)).rowcount > 0
 
     # -- reads ---------------------------------------------------------------------------

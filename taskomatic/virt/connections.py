@@ -138,6 +138,7 @@ class _Slot:
 
 
 Opener = Callable[[str], libvirt.virConnect]
+Listener = Callable[[str, libvirt.virConnect], None]
 
 
 class Connections:
@@ -154,12 +155,24 @@ class Connections:
         self._open = opener or _open
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(uri, conn)` after each (re-)open of a connection, in the opening
+        thread: a new connection has none of the event callbacks the old one had."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def get(self, uri: str, host: str) -> libvirt.virConnect:
         """The live connection to `uri` (named `host` in errors); HostError if unreachable."""
         slot = self._slot(uri)
         with slot.lock:
-            if slot.conn is not None and _alive(slot.conn):
+            if slot.conn is not None and alive(slot.conn):
                 return slot.conn
             if slot.conn is not None:
                 log.warning("connection to host %s (%s) was lost; re-opening", host, uri)
@@ -187,6 +200,13 @@ class Connections:
                 raise slot.last_error from None
             slot.conn, slot.failures, slot.retry_at, slot.last_error = conn, 0, 0.0, None
             log.info("connected to host %s (%s)", host, uri)
+            with self._lock:
+                listeners = list(self._listeners)
+            for listener in listeners:
+                try:
+                    listener(uri, conn)
+                except Exception:
+                    log.exception("a connection listener failed for host %s", host)
             return conn
 
     @contextmanager
@@ -233,7 +253,8 @@ def _open(uri: str) -> libvirt.virConnect:
     return conn
 
 
-def _alive(conn: libvirt.virConnect) -> bool:
+def alive(conn: libvirt.virConnect) -> bool:
+    """Whether a connection still works (a dead peer fails the keepalive, a closed one errs)."""
     try:
         return bool(conn.isAlive())
     except libvirt.libvirtError:

@@ -3,6 +3,7 @@ where a VM lives, and where new work goes (chosen when the task runs)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,8 +13,11 @@ import libvirt
 
 from taskomatic import errors
 from taskomatic.hosts import Hosts
+from taskomatic.inventory import Inventory, Room
 from taskomatic.model import Host, HostState
 from taskomatic.virt.connections import Connections, host_error, is_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,12 @@ class Found:
 class Fleet:
     """Hosts and connections for actions; shared by the worker threads of one dispatcher."""
 
-    def __init__(self, hosts: Hosts, connections: Connections) -> None:
+    def __init__(
+        self, hosts: Hosts, connections: Connections, inventory: Inventory | None = None
+    ) -> None:
         self.hosts = hosts
         self.connections = connections
+        self.inventory = inventory or Inventory(hosts.queue)
         self._placing = threading.Lock()
 
     def host(self, name: str) -> Host:
@@ -116,38 +123,88 @@ class Fleet:
     def place(self, memory_kib: int, exclude: str | None = None) -> Host:
         """The active host with most room for a VM of `memory_kib`; NoHostAvailable if none.
 
-        A host in maintenance, unreachable, at its capacity (VM count) or without the memory
-        is never chosen. Call inside `placing()`.
+        The inventory ranks the hosts and the host itself confirms before it is chosen: with
+        a current inventory that is one question, to the chosen host. Hosts the inventory
+        knows nothing current about are asked at once, and those it says are full are asked
+        last, so a stale or empty inventory only costs questions, never a wrong choice. A host
+        in maintenance, unreachable, at its capacity (VM count) or without the memory is never
+        chosen. Call inside `placing()`.
         """
-        reasons: list[str] = []
-        best: tuple[float, Host] | None = None
+        reasons: dict[str, str] = {}
+        candidates: list[tuple[float, bool, Host]] = []  # (score, confirmed by the host, host)
+        doubtful: list[Host] = []  # the inventory says they cannot take it
+        rooms = self._rooms()
         for h in self.hosts.list(HostState.ACTIVE):
             if h.name == exclude:
                 continue
-            try:
-                with self.call(h, "reading free resources") as conn:
-                    vms, free = _room(conn)
-            except errors.HostError as exc:
-                reasons.append(f"{h.name}: unreachable ({exc.message})")
+            room = rooms.get(h.name)
+            if room is not None:
+                fit = _fit(h, room.vms, room.unpromised_kib, memory_kib)
+                if isinstance(fit, float):
+                    candidates.append((fit, False, h))
+                else:
+                    doubtful.append(h)
                 continue
-            if h.capacity is not None and vms >= h.capacity:
-                reasons.append(f"{h.name}: full ({vms} of {h.capacity} VMs)")
-                continue
-            if free < memory_kib:
-                reasons.append(f"{h.name}: {free // 1024} MiB free, {memory_kib // 1024} needed")
-                continue
-            room = (h.capacity - vms) / h.capacity if h.capacity else 1.0
-            score = room * free
-            if best is None or score > best[0]:
-                best = (score, h)
-        if best is None:
-            inactive = [h.name for h in self.hosts.list(HostState.MAINTENANCE)]
-            if inactive:
-                reasons.append(f"in maintenance: {', '.join(inactive)}")
-            raise errors.NoHostAvailable(
-                "no active host can take the vm: " + ("; ".join(reasons) or "no hosts registered")
-            )
-        return best[1]
+            fit = self._ask(h, memory_kib)
+            if isinstance(fit, float):
+                candidates.append((fit, True, h))
+            else:
+                reasons[h.name] = fit
+        chosen = self._first_confirmed(candidates, memory_kib, reasons)
+        if chosen is None and doubtful:
+            # Nothing the inventory liked fits: ask the hosts it said could not (it may lag).
+            chosen = self._first_confirmed([(0.0, False, h) for h in doubtful], memory_kib, reasons)
+        if chosen is not None:
+            return chosen
+        inactive = [h.name for h in self.hosts.list(HostState.MAINTENANCE)]
+        listed = [reasons[n] for n in sorted(reasons)]
+        if inactive:
+            listed.append(f"in maintenance: {', '.join(inactive)}")
+        raise errors.NoHostAvailable(
+            "no active host can take the vm: " + ("; ".join(listed) or "no hosts registered")
+        )
+
+    def _first_confirmed(
+        self,
+        candidates: list[tuple[float, bool, Host]],
+        memory_kib: int,
+        reasons: dict[str, str],
+    ) -> Host | None:
+        """The best-scored candidate that its host confirms can take the VM (asking each
+        not asked yet, best first); None, with each one's reason noted, if none can."""
+        for score, confirmed, host in sorted(candidates, key=lambda c: -c[0]):
+            fit = score if confirmed else self._ask(host, memory_kib)
+            if isinstance(fit, float):
+                return host
+            reasons[host.name] = fit
+        return None
+
+    def _rooms(self) -> dict[str, Room]:
+        """Room on each host as the inventory has it (none: placement asks every host)."""
+        try:
+            return self.inventory.rooms()
+        except errors.TaskomaticError as exc:
+            log.warning("placement without the inventory, which cannot be read: %s", exc)
+            return {}
+
+    def _ask(self, host: Host, memory_kib: int) -> float | str:
+        """Whether `host` itself says it can take the VM: its score, or why not."""
+        try:
+            with self.call(host, "reading free resources") as conn:
+                vms, free = _room(conn)
+        except errors.HostError as exc:
+            return f"{host.name}: unreachable ({exc.message})"
+        return _fit(host, vms, free, memory_kib)
+
+
+def _fit(host: Host, vms: int, free_kib: int, memory_kib: int) -> float | str:
+    """The score of `host` for a new VM (more room, higher), or why it cannot take it."""
+    if host.capacity is not None and vms >= host.capacity:
+        return f"{host.name}: full ({vms} of {host.capacity} VMs)"
+    if free_kib < memory_kib:
+        return f"{host.name}: {free_kib // 1024} MiB free, {memory_kib // 1024} needed"
+    room = (host.capacity - vms) / host.capacity if host.capacity else 1.0
+    return float(room * free_kib)
 
 
 def _room(conn: libvirt.virConnect) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 import pytest
 
-pytest.register_assert_rewrite("virt")  # before the import: its asserts explain their failures
+# Before any import of them: their asserts explain their failures (test_qemu.py and
+# test_inventory.py both import qemu).
+pytest.register_assert_rewrite("virt", "qemu")
 
 from virt import lab, make_lab  # noqa: E402, F401

@@ -1,0 +1,1 @@
+"""Commands made of several tasks, submitted together as one durable group."""

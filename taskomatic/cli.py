@@ -37,8 +37,9 @@ EXIT_INTERNAL = 70
 
 EXIT_CODES = f"""
 Exit codes: 0 ok; {EXIT_TASK_FAILED} a waited-for task failed or was cancelled;
-{EXIT_BAD_INPUT} bad input; {EXIT_NOT_FOUND} no such task; {EXIT_CONFLICT} conflict or wrong state;
-{EXIT_DATABASE} database unavailable or not initialised; {EXIT_TIMEOUT} wait timed out.
+{EXIT_BAD_INPUT} bad input; {EXIT_NOT_FOUND} no such task or host;
+{EXIT_CONFLICT} conflict or wrong state; {EXIT_DATABASE} database unavailable or not initialised;
+{EXIT_TIMEOUT} wait timed out.
 """
 
 
@@ -147,6 +148,7 @@ def _exit_code(exc: errors.TaskomaticError) -> int:
         (errors.InvalidTransition, EXIT_CONFLICT),
         (errors.DatabaseUnavailable, EXIT_DATABASE),
         (errors.SchemaError, EXIT_DATABASE),
+        (errors.InventoryNotCurrent, EXIT_CONFLICT),
         (errors.WaitTimeout, EXIT_TIMEOUT),
     ):
         if isinstance(exc, kind):
@@ -635,6 +637,19 @@ def actions(app: App) -> None:
     show_default=True,
     help="Seconds running actions get to finish on SIGTERM/SIGINT.",
 )
+@click.option(
+    "--inventory/--no-inventory",
+    default=True,
+    show_default=True,
+    help="Keep the inventory of hosts, VMs and pools current (libvirt events, syncs).",
+)
+@click.option(
+    "--inventory-interval",
+    type=click.FloatRange(min=0.1),
+    default=defaults.INVENTORY_SYNC_SECONDS,
+    show_default=True,
+    help="Seconds between full inventory syncs of every host.",
+)
 def dispatcher(
     app: App,
     workers: int,
@@ -643,6 +658,8 @@ def dispatcher(
     recovery: float,
     until_empty: bool,
     grace: float,
+    inventory: bool,
+    inventory_interval: float,
 ) -> None:
     """Run tasks until stopped (SIGTERM/SIGINT: finish running work, then exit 0)."""
     from taskomatic.dispatcher import Dispatcher
@@ -651,7 +668,15 @@ def dispatcher(
         logging.getLogger().setLevel(logging.INFO)
     queue = app.queue()
     queue.give_up = defaults.DB_RETRY_GIVE_UP_SECONDS  # a service rides out an outage
-    disp = Dispatcher(queue, workers=workers, lease=lease, poll=poll, recovery=recovery)
+    disp = Dispatcher(
+        queue,
+        workers=workers,
+        lease=lease,
+        poll=poll,
+        recovery=recovery,
+        inventory=inventory,
+        inventory_interval=inventory_interval,
+    )
     stops = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -832,3 +857,8 @@ def _user() -> str:
 
 def _safe_url(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+# The inventory's commands (`vms`, `pools`, `drift`, `hosts show`, `hosts clear`) live in their
+# own module, which registers them on the groups above.
+from taskomatic import cli_inventory  # noqa: E402, F401

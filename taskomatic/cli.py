@@ -686,6 +686,7 @@ def dispatcher(
             os._exit(1)  # asked twice: leave the rest to lease takeover
         logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
         disp.stop(grace=grace, wait=False)
+        queue.abandon_retries()  # a database outage must not hold the exit for minutes
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

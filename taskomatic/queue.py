@@ -6,6 +6,7 @@ import builtins
 import functools
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,6 +75,7 @@ class Queue:
     ) -> None:
         self.store = store
         self.give_up = give_up  # seconds of database outage after which a call fails
+        self._abandoned = threading.Event()  # see abandon_retries()
         self.registry = registry or default_registry
         self.now = clock
         self.actor = actor
@@ -117,11 +119,19 @@ class Queue:
             except sa.exc.IntegrityError:
                 raise  # a racing submitter; the caller decides whether to look again
             except sa.exc.DBAPIError as exc:
-                if not self.store.is_transient(exc) or time.monotonic() > give_up:
+                hopeless = time.monotonic() > give_up or self._abandoned.is_set()
+                if hopeless or not self.store.is_transient(exc):
                     raise _database_error(exc) from exc
                 log.warning("database error, retrying in %.2fs: %s", delay, _first_line(exc))
-            time.sleep(delay * random.uniform(0.5, 1.0))
+            # Abandoning cuts the wait short: one last try, which raises if it fails too.
+            self._abandoned.wait(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, defaults.DB_RETRY_MAX_SECONDS)
+
+    def abandon_retries(self) -> None:
+        """From now on a database outage fails calls at once instead of being ridden out,
+        including calls waiting to retry: for a process that was asked to stop, so that
+        SIGTERM during an outage ends it in seconds (leases recover what it held)."""
+        self._abandoned.set()
 
     def _write(
         self, fn: Callable[[sa.Connection, datetime], T], changed: Callable[[T], bool] | None = None

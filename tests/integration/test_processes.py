@@ -268,6 +268,25 @@ def test_postgresql_restart_mid_run_every_task_done_exactly_once(
     _stop_all(dispatchers)
 
 
+def test_sigterm_during_a_database_outage_ends_the_dispatcher_in_seconds(
+    pg: Harness, pg_cluster: PostgresCluster | ExternalPostgres
+) -> None:
+    """While PostgreSQL is down a dispatcher retries for minutes; asked to stop, it gives up
+    at once and exits 0 rather than holding the operator's `systemctl stop` hostage. What it
+    held is recovered by leases once the server is back (the other tests show that)."""
+    dispatcher = pg.dispatcher("--workers", "2", "--grace", "1")
+    pg_cluster.stop()
+    try:
+        wait_until(
+            lambda: "database error, retrying" in dispatcher.proc.output(),
+            RUN_SECONDS,
+            "the dispatcher to notice the outage",
+        )
+        assert dispatcher.proc.stop(timeout=20) == 0, dispatcher.proc.describe()
+    finally:
+        pg_cluster.start()
+
+
 # -- wake-ups --------------------------------------------------------------------------------
 
 

@@ -478,6 +478,20 @@ def collect(app: App, task_id: str) -> None:
     _exit_for(task)
 
 
+@command(main, "prune")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="AGE",
+    help="Only tasks finished longer ago than this: 30d, 12h, 90m, 3600s.",
+)
+@click.option("--force", is_flag=True, help="Also tasks whose results were never collected.")
+def prune(app: App, older_than: str, force: bool) -> None:
+    """Remove finished tasks (and their events) whose results were collected."""
+    removed = app.queue().prune(_age(older_than), force=force)
+    app.out({"removed": removed}, lambda: click.echo(f"removed {removed} finished task(s)"))
+
+
 @command(main, "why")
 @click.argument("task_id")
 def why(app: App, task_id: str) -> None:
@@ -493,9 +507,10 @@ def why(app: App, task_id: str) -> None:
 def status(app: App) -> None:
     """Tasks by state and the dispatchers alive."""
     queue = app.queue()
-    counts, alive = queue.counts(), queue.dispatchers()
+    counts, alive, uncollected = queue.counts(), queue.dispatchers(), queue.uncollected()
     data = {
         "counts": {s.value: counts.get(s, 0) for s in State},
+        "uncollected": uncollected,
         "dispatchers": [
             {"id": str(d.id), "host": d.hostname, "pid": d.pid, "workers": d.workers} for d in alive
         ],
@@ -503,6 +518,7 @@ def status(app: App) -> None:
 
     def human() -> None:
         click.echo("  ".join(f"{s.value}={counts.get(s, 0)}" for s in State))
+        click.echo(f"{uncollected} finished task(s) with results not yet collected")
         click.echo(
             f"{len(alive)} dispatcher(s) alive"
             + "".join(f"\n  {d.id} on {d.hostname} pid {d.pid}, {d.workers} workers" for d in alive)
@@ -807,12 +823,32 @@ def _params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
     return params
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> timedelta | None:
+    """A span like 30s, 5m, 2h, 7d; None if `text` is not one."""
+    if text[-1:] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
+    return None
+
+
+def _age(text: str) -> timedelta:
+    span = _duration(text)
+    if span is None:
+        raise errors.ValidationError(
+            f"--older-than: {text!r} is not an age; give a number and a unit: 30d, 12h, 90m, 60s",
+            field="older_than",
+        )
+    return span
+
+
 def _when(text: str | None) -> datetime | None:
     if not text:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(UTC) + timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    span = _duration(text)
+    if span is not None:
+        return datetime.now(UTC) + span
     try:
         return parse_time(text)
     except errors.ValidationError as exc:

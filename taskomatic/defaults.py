@@ -106,3 +106,6 @@ after that its VMs read "unknown" (count of INVENTORY_SYNC_SECONDS)."""
 INVENTORY_EVENT_BATCH_SECONDS = 0.05
 """How long the inventory gathers libvirt events before reading and writing them at once
 (seconds)."""
+
+PRUNE_BATCH = 1000
+"""Tasks removed per transaction by `prune` (count)."""

@@ -427,6 +427,33 @@ class Queue:
         self._write(lambda conn, now: self.store.mark_collected(conn, task.id, now))
         return self.get(task.id)
 
+    def prune(self, older_than: timedelta, *, force: bool = False) -> int:
+        """Remove tasks finished more than `older_than` ago whose results were collected
+        (all finished ones with `force`), with their events; returns how many.
+
+        Tasks that a remaining task depends on stay, so nothing still waiting loses a
+        prerequisite. Runs in batches, each its own transaction, oldest first.
+        """
+        if older_than < timedelta(0):
+            raise errors.ValidationError("older_than must not be negative", field="older_than")
+        before = self.now() - older_than
+        removed = 0
+        while True:
+
+            def batch(conn: sa.Connection, _now: datetime) -> int:
+                ids = self.store.prunable(conn, before, force, defaults.PRUNE_BATCH)
+                self.store.delete_tasks(conn, ids)
+                return len(ids)
+
+            count = self._write(batch, changed=lambda _: False)
+            removed += count
+            if count < defaults.PRUNE_BATCH:
+                return removed
+
+    def uncollected(self) -> int:
+        """How many finished tasks hold a result no caller has collected."""
+        return self._read(self.store.uncollected)
+
     # -- the dispatcher's side ---------------------------------------------------------
 
     def cycle(

@@ -449,6 +449,64 @@ class Store(InventoryStatements):
             .values(collected_at=now)
         )
 
+    # -- retention -----------------------------------------------------------------------
+
+    def prunable(
+        self, conn: sa.Connection, before: datetime, force: bool, limit: int
+    ) -> list[uuid.UUID]:
+        """Up to `limit` of the oldest tasks retention may remove: finished before `before`,
+        collected (or `force`), and not a prerequisite, directly or transitively, of a task
+        that stays (a live one, or a finished one not removable): a task that stays keeps
+        its whole history of prerequisites, which `why` and `retry` read."""
+
+        def removable(task: Any) -> sa.ColumnElement[bool]:
+            done = sa.and_(task.c.state.in_(list(TERMINAL)), task.c.finished_at < before)
+            return done if force else sa.and_(done, task.c.collected_at.is_not(None))
+
+        p, up = s.task_prerequisites, s.task_prerequisites.alias("up")
+        dependent = t.alias("dependent")
+        staying = (
+            sa.select(p.c.prerequisite_id.label("id"))
+            .join(dependent, dependent.c.id == p.c.task_id)
+            .where(~removable(dependent))
+            .cte("staying", recursive=True)
+        )
+        staying = staying.union(
+            sa.select(up.c.prerequisite_id).join(staying, up.c.task_id == staying.c.id)
+        )
+        query = (
+            sa.select(t.c.id)
+            .where(removable(t), t.c.id.not_in(sa.select(staying.c.id)))
+            .order_by(t.c.seq)
+            .limit(limit)
+        )
+        return list(conn.execute(query).scalars())
+
+    def delete_tasks(self, conn: sa.Connection, ids: Sequence[uuid.UUID]) -> None:
+        """Remove finished tasks with their events, locks and edges, and groups left empty."""
+        if not ids:
+            return
+        p = s.task_prerequisites
+        groups = set(
+            conn.execute(sa.select(t.c.group_id).where(t.c.id.in_(ids)).distinct()).scalars()
+        ) - {None}
+        conn.execute(s.task_events.delete().where(s.task_events.c.task_id.in_(ids)))
+        conn.execute(s.task_locks.delete().where(s.task_locks.c.task_id.in_(ids)))
+        conn.execute(p.delete().where(p.c.task_id.in_(ids) | p.c.prerequisite_id.in_(ids)))
+        conn.execute(t.delete().where(t.c.id.in_(ids)))
+        if groups:
+            in_use = sa.select(t.c.id).where(t.c.group_id == s.task_groups.c.id)
+            conn.execute(
+                s.task_groups.delete().where(s.task_groups.c.id.in_(list(groups)), ~in_use.exists())
+            )
+
+    def uncollected(self, conn: sa.Connection) -> int:
+        """Finished tasks whose result no caller has collected yet."""
+        query = sa.select(sa.func.count()).where(
+            t.c.state.in_(list(TERMINAL)), t.c.collected_at.is_(None)
+        )
+        return int(conn.execute(query).scalar() or 0)
+
     # -- leases and dispatchers -----------------------------------------------------------
 
     def renew_leases(

@@ -53,7 +53,7 @@ DEMO_GROUP = Path(__file__).resolve().parents[2] / "docs" / "examples" / "demo-g
 
 README_COMMANDS = (
     *("db", "submit", "submit-group", "show", "list", "wait", "cancel", "retry", "collect"),
-    *("why", "status", "actions", "dispatcher"),
+    *("why", "status", "actions", "dispatcher", "prune", "hosts"),
 )
 """The commands the README promises."""
 
@@ -582,3 +582,23 @@ def test_the_readme_demo_runs_the_fleet_flow() -> None:
     assert "failed     vm.migrate" in proc.stdout
     assert "(VIR_ERR_ARGUMENT_UNSUPPORTED)" in proc.stdout
     assert "kvm1             maintenance" in proc.stdout
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+def test_prune_removes_collected_results_and_status_counts_the_rest(sqlite_cli: Cli) -> None:
+    """Fork/wait: results stay until collected; `status` counts the uncollected ones;
+    `prune` removes collected ones past the age given, uncollected ones only with --force."""
+    first, second = sqlite_cli.submit("noop"), sqlite_cli.submit("noop")
+    sqlite_cli.ok("dispatcher", "--until-empty")
+    sqlite_cli.ok("collect", first)
+    assert sqlite_cli.json("status")["uncollected"] == 1
+    assert "1 finished task(s) with results not yet collected" in sqlite_cli.ok("status").stdout
+    assert sqlite_cli.ok("prune", "--older-than", "1h").stdout == "removed 0 finished task(s)\n"
+    assert sqlite_cli.json("prune", "--older-than", "0s") == {"removed": 1}
+    assert ids(sqlite_cli.ok("--json", "list")) == [second]
+    assert sqlite_cli.json("prune", "--older-than", "0s", "--force") == {"removed": 1}
+    assert sqlite_cli.json("list")["tasks"] == []
+    bad = sqlite_cli.run("prune", "--older-than", "last week")
+    assert "--older-than: 'last week' is not an age" in bad.error(2)

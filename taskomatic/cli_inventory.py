@@ -27,7 +27,7 @@ from taskomatic.cli import (
     main,
 )
 from taskomatic.drift import drift as find_drift
-from taskomatic.flows.clear import clear_by_destroying
+from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
 from taskomatic.inventory import VM_STATES, HostRecord, Inventory, PoolRecord, VmRecord
 
 
@@ -74,7 +74,8 @@ def hosts_show(app: App, host: str) -> None:
 
 @command(hosts, "clear", epilog=EXIT_CODES)
 @click.argument("host")
-@click.option("--destroy", is_flag=True, help="Clear by destroying (the only way so far).")
+@click.option("--migrate", is_flag=True, help="Clear by moving every VM to other hosts.")
+@click.option("--destroy", is_flag=True, help="Clear by destroying every VM and pool on it.")
 @click.option(
     "--i-understand-this-destroys-data",
     "confirmed",
@@ -84,30 +85,49 @@ def hosts_show(app: App, host: str) -> None:
 @click.option(
     "--delete-storage",
     is_flag=True,
-    help="Also delete the pools' storage (directories, volume groups) and every volume.",
+    help="With --destroy: also delete the pools' storage (directories, volume groups).",
+)
+@click.option(
+    "--copy-storage", is_flag=True, help="With --migrate: copy disks (no shared storage)."
 )
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the group, showing progress.")
 def hosts_clear(
-    app: App, host: str, destroy: bool, confirmed: bool, delete_storage: bool, wait_: bool
+    app: App,
+    host: str,
+    migrate: bool,
+    destroy: bool,
+    confirmed: bool,
+    delete_storage: bool,
+    copy_storage: bool,
+    wait_: bool,
 ) -> None:
-    """Put HOST into maintenance, then destroy and undefine every VM on it and stop and
-    delete every storage pool: one group, a task per object (`taskomatic show GROUP`)."""
-    if not destroy:
-        fail(f"say how to clear host {host!r}: --destroy (destroys what is on it)", EXIT_BAD_INPUT)
-    if not confirmed:
+    """Put HOST into maintenance, then move every VM away (--migrate) or destroy every VM
+    and storage pool on it (--destroy): one group, a task per object (`taskomatic show`)."""
+    if migrate == destroy:
+        fail(
+            f"say how to clear host {host!r}: --migrate (moves its VMs to other hosts) or "
+            "--destroy (destroys what is on it)",
+            EXIT_BAD_INPUT,
+        )
+    if destroy and not confirmed:
         fail(
             f"clearing host {host!r} with --destroy powers off and undefines every VM on it and "
             "deletes its storage pools; add --i-understand-this-destroys-data",
             EXIT_BAD_INPUT,
         )
     queue = app.queue()
-    group, tasks = clear_by_destroying(
-        queue,
-        host,
-        i_understand_this_destroys_data=True,
-        delete_storage=delete_storage,
-        created_by=f"cli:{_user()}",
-    )
+    if migrate:
+        group, tasks = clear_by_migrating(
+            queue, host, copy_storage=copy_storage, created_by=f"cli:{_user()}"
+        )
+    else:
+        group, tasks = clear_by_destroying(
+            queue,
+            host,
+            i_understand_this_destroys_data=True,
+            delete_storage=delete_storage,
+            created_by=f"cli:{_user()}",
+        )
     if wait_:
         tasks = _wait(app, [t.id for t in tasks], None, label=group.name or str(group.id))
     data = {"group": queue.group(group.id).to_dict(), "tasks": [t.to_dict() for t in tasks]}

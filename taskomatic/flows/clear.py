@@ -5,7 +5,10 @@ inventory lists on it destroys and undefines it, then stops and deletes every st
 (their data stays unless `delete_storage`), and finally checks on the host that nothing is
 left. Each object has its own tasks, so `taskomatic show GROUP` reports each one's result.
 What to destroy is read from the inventory, which must be current: a dispatcher keeps it.
-Clearing a host by migrating its VMs away is another command.
+
+Clearing by migrating (`clear_by_migrating`) is the same shape: maintenance, then one
+`vm.migrate` per VM, each choosing its target when it runs (live for a running VM, its
+definition for a stopped one), and the same final check, of VMs only (pools stay).
 """
 
 from __future__ import annotations
@@ -78,6 +81,37 @@ def clear_by_destroying(
     return queue.submit_group(specs, name=name, group_id=group_id, created_by=created_by)
 
 
+def clear_by_migrating(
+    queue: Queue,
+    host: str,
+    *,
+    copy_storage: bool = False,
+    created_by: str | None = None,
+    group_id: uuid.UUID | None = None,
+) -> tuple[Group, list[Task]]:
+    """Submit the group that moves every VM off `host` (see the module).
+
+    Each move is its own task, so a VM that cannot move fails with its own reason (and the
+    group with it) while the others still move. `copy_storage` copies disks during live
+    migrations (hosts without shared storage). Raises HostNotFound or InventoryNotCurrent.
+    """
+    view = Inventory(queue).host(host)
+    _check_current(host, view.record, queue.now())
+    specs = [TaskSpec("host.maintenance", {"name": host}, name="maintenance")]
+    moves = []
+    for vm in sorted({v.name for v in view.vms}):
+        params = {"name": vm, "host": host, "copy_storage": copy_storage}
+        specs.append(TaskSpec("vm.migrate", params, name=f"move {vm}", after=["maintenance"]))
+        moves.append(f"move {vm}")
+    specs.append(
+        TaskSpec(
+            "host.verify_empty", {"name": host, "pools": False}, after=moves or ["maintenance"]
+        )
+    )
+    name = f"clear host {host} by migrating {len(moves)} vm(s)"
+    return queue.submit_group(specs, name=name, group_id=group_id, created_by=created_by)
+
+
 def _check_current(host: str, record: HostRecord | None, now: datetime) -> None:
     """Refuse to plan from an inventory that cannot say what is on the host now."""
     if record is None:
@@ -89,7 +123,7 @@ def _check_current(host: str, record: HostRecord | None, now: datetime) -> None:
     if status == "unreachable":
         raise errors.InventoryNotCurrent(
             f"host {host!r} is unreachable since {record.since.isoformat()} ({record.error}); "
-            "nothing on it can be destroyed until it answers"
+            "what is on it cannot be cleared until it answers"
         )
     if status == "stale":
         confirmed = record.confirmed_at.isoformat() if record.confirmed_at else "never"

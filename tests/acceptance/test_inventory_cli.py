@@ -114,7 +114,7 @@ def test_clearing_a_host_by_destroying_and_the_drift_a_restart_reveals(sqlite_cl
             ["vms", "--host", "nope"],
             ["pools", "--host", "nope"],
         )
-        how.error(2, "say how to clear host 'kvm1': --destroy")
+        how.error(2, "say how to clear host 'kvm1': --migrate (moves its VMs to other hosts)")
         unconfirmed.error(2, "add --i-understand-this-destroys-data")
         unknown_host.error(3, "no host named 'nope'")
         bad_state.error(2, "'asleep' is not one of")
@@ -167,3 +167,25 @@ def test_clearing_a_host_by_destroying_and_the_drift_a_restart_reveals(sqlite_cl
     [cache1] = stale.json()
     assert (cache1["state"], cache1["last_state"]) == ("unknown", "running")
     refused.error(4, "no dispatcher keeps it now")
+
+
+def test_clearing_a_host_by_migrating_reports_each_vm(sqlite_cli: Cli) -> None:
+    """`hosts clear kvm1 --migrate --wait`: the stopped VM moves to kvm2; the running ones
+    cannot (the test driver has no live migration), so the command exits 1 and each failed
+    move says why, in libvirt's words."""
+    url = str(sqlite_cli.url)
+    sqlite_cli.ok("hosts", "add", "kvm1", f"test://{FLEET}/kvm1.xml")
+    sqlite_cli.ok("hosts", "add", "kvm2", f"test://{FLEET}/kvm2.xml")
+    with sqlite_cli.background(*DISPATCH):
+        wait_until(lambda: len(_vms(url)) == 4, 20, "the inventory")
+        cleared = sqlite_cli.run("--json", "hosts", "clear", "kvm1", "--migrate", "--wait")
+    assert cleared.code == 1, str(cleared)
+    tasks = {(t["action"], t["params"]["name"]): t for t in cleared.json()["tasks"]}
+    assert tasks["vm.migrate", "old-ci"]["result"]["host"] == "kvm2"
+    for running in ("db1", "web1"):
+        assert tasks["vm.migrate", running]["state"] == "failed"
+        assert tasks["vm.migrate", running]["error"]["libvirt_code"] == (
+            "VIR_ERR_ARGUMENT_UNSUPPORTED"
+        )
+    assert tasks["host.verify_empty", "kvm1"]["state"] == "cancelled"
+    assert cleared.json()["group"]["name"] == "clear host kvm1 by migrating 3 vm(s)"

@@ -35,7 +35,7 @@ from virt import (
 
 from taskomatic import State, defaults, errors
 from taskomatic.drift import drift
-from taskomatic.flows.clear import clear_by_destroying
+from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
 from taskomatic.inventory import Disk
 from taskomatic.model import HostState
 from taskomatic.virt.fleet import Fleet
@@ -508,3 +508,35 @@ def test_a_clear_is_refused_without_confirmation_or_a_current_inventory(
     with pytest.raises(errors.InventoryNotCurrent, match="no dispatcher keeps it now"):
         _plan(lab, H1)
     assert lab.queue.list().tasks == []
+
+
+# --- clearing a host by migrating -------------------------------------------------------------
+
+
+def test_clearing_a_host_by_migrating_moves_what_can_move_and_names_what_cannot(
+    lab: Lab,
+) -> None:
+    """Maintenance, then one move per VM to a host chosen when it runs: the stopped VM's
+    definition moves to h2; the test driver cannot live-migrate, so each running or paused
+    VM's move fails with libvirt's code and the group fails, the last check never running.
+    A VM defined while the host drains is placed elsewhere: the host is in maintenance."""
+    with lab.keeper(thread=False):
+        group, tasks = clear_by_migrating(lab.queue, H1)
+    newcomer = lab.submit("vm.define", {"name": "newcomer", "memory_mib": 64})
+    lab.drain()
+    done = {(t.action, t.params["name"]): lab.queue.get(t.id) for t in tasks}
+    assert done["host.maintenance", H1].state is State.COMPLETE
+    stopped = done["vm.migrate", vm(H1, "off")]
+    assert stopped.state is State.COMPLETE
+    assert (stopped.result["host"], stopped.result["from"]) == (H2, H1)  # type: ignore[index]
+    for kind in ("running", "paused", "stubborn"):
+        failed = done["vm.migrate", vm(H1, kind)]
+        assert failed.state is State.FAILED and failed.attempt == 1
+        assert failed.error is not None
+        assert failed.error["libvirt_code"] == "VIR_ERR_ARGUMENT_UNSUPPORTED"
+        assert lab.where(vm(H1, kind)) == [H1]  # still where it was, untouched
+    assert done["host.verify_empty", H1].state is State.CANCELLED
+    assert lab.queue.group(group.id).state == "failed"
+    assert lab.where(vm(H1, "off")) == [H2]
+    assert lab.queue.get(newcomer.id).result["host"] == H2  # type: ignore[index]
+    assert lab.host_state(H1) is HostState.MAINTENANCE

@@ -1,8 +1,24 @@
 -- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
 
--- Schema version 2.
+-- Schema version 3.
 
 CREATE SEQUENCE tasks_seq;
+
+CREATE TABLE api_tokens (
+	id TEXT NOT NULL, 
+	name TEXT NOT NULL, 
+	role TEXT NOT NULL, 
+	salt TEXT NOT NULL, 
+	hash TEXT NOT NULL, 
+	scrypt_n INTEGER NOT NULL, 
+	created_by TEXT, 
+	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	revoked_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id), 
+	CONSTRAINT api_tokens_role CHECK (role IN ('viewer', 'operator', 'admin'))
+);
+
+CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (name) WHERE revoked_at IS NULL;
 
 CREATE TABLE dispatchers (
 	id UUID NOT NULL, 

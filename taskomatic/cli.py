@@ -143,6 +143,8 @@ def _exit_code(exc: errors.TaskomaticError) -> int:
         (errors.TaskNotFound, EXIT_NOT_FOUND),
         (errors.GroupNotFound, EXIT_NOT_FOUND),
         (errors.HostNotFound, EXIT_NOT_FOUND),
+        (errors.TokenNotFound, EXIT_NOT_FOUND),
+        (errors.TokenConflict, EXIT_CONFLICT),
         (errors.Conflict, EXIT_CONFLICT),
         (errors.HostConflict, EXIT_CONFLICT),
         (errors.InvalidTransition, EXIT_CONFLICT),
@@ -896,6 +898,6 @@ def _safe_url(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
-# The inventory's commands (`vms`, `pools`, `drift`, `hosts show`, `hosts clear`) live in their
-# own module, which registers them on the groups above.
-from taskomatic import cli_inventory  # noqa: E402, F401
+# The inventory's commands (`vms`, `pools`, `drift`, `hosts show`, `hosts clear`) and `serve`
+# and `tokens` live in their own modules, which register them on the groups above.
+from taskomatic import cli_inventory, cli_serve  # noqa: E402, F401

@@ -109,3 +109,23 @@ INVENTORY_EVENT_BATCH_SECONDS = 0.05
 
 PRUNE_BATCH = 1000
 """Tasks removed per transaction by `prune` (count)."""
+
+TOKEN_SCRYPT_N = 2**14
+"""scrypt cost of a stored API token's hash: CPU and memory grow with it (iterations, a
+power of 2; with r=8 each check takes 16 MiB and tens of milliseconds)."""
+
+TOKEN_CACHE_SECONDS = 60.0
+"""How long a verified token skips the slow hash; revocation still applies at once, since each
+request re-reads the token's row (seconds)."""
+
+HTTP_BIND = "127.0.0.1:8080"
+"""Where `taskomatic serve` listens unless told otherwise (host:port)."""
+
+HTTP_MAX_BODY_BYTES = 1024 * 1024
+"""Largest request body the HTTP API reads; larger ones are answered 413 (bytes)."""
+
+HTTP_WAIT_MAX_SECONDS = 60.0
+"""Longest long-poll of GET /v1/tasks/{id}/wait; larger timeouts are cut to it (seconds)."""
+
+HTTP_WAIT_DEFAULT_SECONDS = 30.0
+"""Long-poll of GET /v1/tasks/{id}/wait when the caller names no timeout (seconds)."""

@@ -235,3 +235,31 @@ class InventoryNotCurrent(TaskomaticError):
     """The inventory of a host is not current enough to act on; a dispatcher keeps it."""
 
     code = "inventory_not_current"
+
+
+class Unauthorized(TaskomaticError):
+    """No valid token was given; send `Authorization: Bearer <token>` from `tokens create`."""
+
+    code = "unauthorized"
+
+
+class Forbidden(TaskomaticError):
+    """The token's role does not allow this; a person with an admin token can issue another."""
+
+    code = "forbidden"
+
+
+class TokenNotFound(TaskomaticError):
+    """No live token has this name; `taskomatic tokens list` shows them."""
+
+    code = "not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no live token named {name!r}; `taskomatic tokens list` shows them")
+        self.name = name
+
+
+class TokenConflict(TaskomaticError):
+    """A live token already has this name; revoke it first or choose another name."""
+
+    code = "conflict"

@@ -11,11 +11,15 @@ from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from taskomatic.model import LIVE, HostState, State
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
 
-ADDITIVE_UPGRADES = frozenset({1})
-"""Versions `db init` upgrades by creating the tables they lack (2 added the inventory)."""
+ADDITIVE_UPGRADES = frozenset({1, 2})
+"""Versions `db init` upgrades by creating the tables they lack (2 added the inventory,
+3 the API tokens)."""
+
+TOKEN_ROLES = ("viewer", "operator", "admin")
+"""The roles of API tokens, each allowing what the one before it does and more."""
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -264,6 +268,34 @@ volume_inventory = sa.Table(
     sa.ForeignKeyConstraint(
         ["host", "pool"], ["pool_inventory.host", "pool_inventory.name"], ondelete="CASCADE"
     ),
+)
+
+
+# -- API tokens (taskomatic.tokens): only a salted slow hash of the secret is stored --------------
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # the token's non-secret part, to look it up
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("salt", sa.Text, nullable=False),  # hex
+    sa.Column("hash", sa.Text, nullable=False),  # hex scrypt of the secret part
+    sa.Column("scrypt_n", sa.Integer, nullable=False),  # the cost it was hashed with
+    sa.Column("created_by", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime),
+    sa.CheckConstraint(
+        "role IN ({})".format(", ".join(f"'{r}'" for r in TOKEN_ROLES)), name="api_tokens_role"
+    ),
+)
+# A name means one live token; revoked ones keep theirs for the record.
+sa.Index(
+    "api_tokens_live_name",
+    api_tokens.c.name,
+    unique=True,
+    postgresql_where=sa.text("revoked_at IS NULL"),
+    sqlite_where=sa.text("revoked_at IS NULL"),
 )
 
 

@@ -125,7 +125,7 @@ def test_default_database_is_an_sqlite_file_in_the_users_data_directory(
     it needs no `db init`, and `db init` on it is harmless: it keeps what is queued."""
     queued = home_cli.submit("noop")
     default = home_cli.home / ".local" / "share" / "taskomatic" / "taskomatic.db"
-    assert home_cli.ok("db", "init").stdout == f"schema version 2 ready at sqlite:///{default}\n"
+    assert home_cli.ok("db", "init").stdout == f"schema version 3 ready at sqlite:///{default}\n"
 
     xdg_cli = Cli(home_cli.home, None, actions_path)
     xdg_cli.env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
@@ -517,7 +517,7 @@ def test_postgresql_without_the_schema_says_to_run_db_init(
         cli = Cli(tmp_path / "home", pg_cluster.url(name), actions_path)
         refused = cli.run("submit", "noop")
         refused.error(5, f"no taskomatic schema in {cli.url}; run `taskomatic db init` first")
-        assert cli.ok("db", "init").stdout.startswith("schema version 2 ready at postgresql")
+        assert cli.ok("db", "init").stdout.startswith("schema version 3 ready at postgresql")
         again, submitted = cli.run_all(["db", "init"], ["submit", "noop"])
         assert again.code == submitted.code == 0, f"{again}\n{submitted}"
     finally:

@@ -1,0 +1,11 @@
+"""The HTTP JSON API of taskomatic, on the standard library: a route table over Queue.
+
+server = Server(queue, ("127.0.0.1", 8080)).start()
+"""
+
+from __future__ import annotations
+
+from taskomatic.http.api import ROUTES, Api
+from taskomatic.http.server import Server, tls_context
+
+__all__ = ["ROUTES", "Api", "Server", "tls_context"]

@@ -1,0 +1,170 @@
+"""The OpenAPI document, generated from the route table; `python -m taskomatic.http.openapi`
+prints what `docs/openapi.json` holds (a test fails when they differ)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from taskomatic.http.api import ROUTES
+from taskomatic.model import State
+
+_ERROR = {
+    "type": "object",
+    "required": ["code", "message", "field"],
+    "properties": {
+        "code": {"type": "string", "description": "stable, e.g. invalid, not_found, conflict"},
+        "message": {"type": "string", "description": "what went wrong and what to do"},
+        "field": {"type": ["string", "null"], "description": "the offending field, if one"},
+    },
+}
+
+_TASK_SPEC = {
+    "type": "object",
+    "required": ["action"],
+    "additionalProperties": False,
+    "properties": {
+        "action": {"type": "string"},
+        "params": {"type": "object"},
+        "id": {
+            "type": "string",
+            "format": "uuid",
+            "description": "choose it to make it idempotent",
+        },
+        "name": {"type": "string", "description": "for `after` within a group"},
+        "after": {"type": "array", "items": {"type": "string"}},
+        "locks": {"type": "array", "items": {"type": "string"}},
+        "priority": {"type": "integer"},
+        "not_before": {"type": "string", "format": "date-time"},
+        "timeout": {"type": "number", "exclusiveMinimum": 0},
+        "max_attempts": {"type": "integer", "minimum": 1},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _ERROR,
+    "TaskSpec": _TASK_SPEC,
+    "GroupSpec": {
+        "type": "object",
+        "required": ["tasks"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "tasks": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/TaskSpec"},
+            },
+        },
+    },
+    "Cancel": {"type": "object", "properties": {"reason": {"type": "string"}}},
+    "HostSpec": {
+        "type": "object",
+        "required": ["name", "uri"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "uri": {"type": "string", "description": "a libvirt URI"},
+            "capacity": {"type": ["integer", "null"], "minimum": 0},
+        },
+    },
+    "TokenSpec": {
+        "type": "object",
+        "required": ["name", "role"],
+        "properties": {
+            "name": {"type": "string"},
+            "role": {"enum": ["viewer", "operator", "admin"]},
+        },
+    },
+    "Task": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "action": {"type": "string"},
+            "state": {"enum": [s.value for s in State]},
+            "params": {"type": "object"},
+            "after": {"type": "array", "items": {"type": "string"}},
+            "group": {"type": ["string", "null"]},
+            "result": {},
+            "error": {"type": ["object", "null"]},
+        },
+    },
+}
+
+_STATUS_TEXT = {
+    "400": "bad input",
+    "401": "no valid token",
+    "403": "the token's role does not allow this",
+    "404": "not found",
+    "409": "conflict or wrong state",
+    "413": "body too large",
+    "415": "body not application/json",
+    "503": "database unavailable or schema not current",
+}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route in `api.ROUTES`."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {
+            "operationId": route.handler,
+            "summary": route.summary,
+            "responses": {"200": {"description": "ok", "content": _json({"type": "object"})}},
+        }
+        if route.role is not None:
+            op["security"] = [{"bearer": []}]
+            op["x-role"] = route.role.value
+        else:
+            op["security"] = []
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"\{(\w+)\}", route.pattern)
+        ]
+        parameters += [
+            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+            for name in route.query
+        ]
+        if parameters:
+            op["parameters"] = parameters
+        if route.body:
+            op["requestBody"] = {
+                "required": route.body != "Cancel",
+                "content": _json({"$ref": f"#/components/schemas/{route.body}"}),
+            }
+        codes = ["400", "503"]
+        if route.role is not None:
+            codes += ["401", "403"]
+        if "{" in route.pattern:
+            codes.append("404")
+        if route.method == "POST":
+            codes += ["409", "413", "415"]
+        for code in sorted(codes):
+            op["responses"][code] = {
+                "description": _STATUS_TEXT[code],
+                "content": _json({"$ref": "#/components/schemas/Error"}),
+            }
+        paths.setdefault(route.pattern, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "taskomatic",
+            "version": "1",
+            "description": "The HTTP JSON API of taskomatic; see docs/http.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(document(), indent=2))

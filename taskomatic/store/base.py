@@ -298,7 +298,9 @@ class Store(InventoryStatements):
             )
             for c in tasks
         ]
-        self.move(conn, Move.CLAIM, changes, now, f"dispatcher:{owner}", lock=False)
+        # The claim selected these rows FOR UPDATE in this transaction: their state is known.
+        known = {c.id: (State.NEW, None) for c in tasks}
+        self.move(conn, Move.CLAIM, changes, now, f"dispatcher:{owner}", known=known)
         return [
             dataclasses.replace(
                 c,
@@ -323,24 +325,25 @@ class Store(InventoryStatements):
         now: datetime,
         actor: str,
         owner: uuid.UUID | None = None,
-        lock: bool = True,
+        known: Mapping[uuid.UUID, tuple[State, uuid.UUID | None]] | None = None,
     ) -> Moved:
         """Apply `move` to each task still in a state (and with the owner) it allows.
 
         The rows are locked first, so the check and the UPDATE see the same state; a task
         found elsewhere is `refused`, never overwritten (a late rescuer must not undo a real
-        completion). Each moved task gets its event row in the same transaction.
+        completion). Each moved task gets its event row in the same transaction. `known`
+        gives (state, owner) of rows this transaction has locked already, saving the read.
         """
         if not changes:
             return Moved({}, {})
         allowed = sources(move)
-        query = sa.select(t.c.id, t.c.state, t.c.owner).where(
-            t.c.id.in_([c.task_id for c in changes])
-        )
-        found = {
-            r.id: (State(r.state), r.owner)
-            for r in conn.execute(query.with_for_update() if lock else query)
-        }
+        if known is None:
+            query = sa.select(t.c.id, t.c.state, t.c.owner).where(
+                t.c.id.in_([c.task_id for c in changes])
+            )
+            found = {r.id: (State(r.state), r.owner) for r in conn.execute(query.with_for_update())}
+        else:
+            found = dict(known)
         moved: dict[uuid.UUID, State] = {}
         refused: dict[uuid.UUID, State | None] = {}
         for change in changes:

@@ -113,6 +113,19 @@ class Background:
                 [str(TASKOMATIC), *args], stdout=out, stderr=err, env=cli.env, cwd=cli.home
             )
 
+    def first_line(self, timeout: float = RUN_TIMEOUT_SECONDS) -> str:
+        """The first line the command printed, once it has printed one (or its output if it
+        ended without one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self._out.read_text()
+            if "\n" in text:
+                return text.splitlines()[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"it ended without printing a line:\n{self.finish()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no line after {timeout}s")
+
     def finish(self, timeout: float = RUN_TIMEOUT_SECONDS) -> Result:
         """Wait for the command to end by itself; what it left behind."""
         code = self.proc.wait(timeout=timeout)

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from taskomatic import defaults
+from taskomatic import schema as s
 from taskomatic.dispatcher import Dispatcher
 from taskomatic.http import ROUTES, Server
 from taskomatic.http.openapi import document
@@ -328,3 +330,18 @@ def test_the_checked_in_openapi_document_is_current_and_lists_every_route() -> N
     assert checked_in == document(), "regenerate: python -m taskomatic.http.openapi"
     for route in ROUTES:
         assert route.method.lower() in checked_in["paths"][route.pattern], route
+
+
+def test_db_init_adds_the_tokens_table_to_a_version_2_database(db_url: str) -> None:
+    """A database from before the API tokens (schema version 2) gets their table from
+    `db init`, then records the current version; what was queued stays."""
+    with Queue.open(db_url) as queue:
+        kept = queue.submit("noop")
+        with queue.store.write() as conn:
+            conn.execute(sa.text(f"DROP TABLE {s.api_tokens.name}"))
+            conn.execute(s.schema_version.delete())
+            conn.execute(s.schema_version.insert().values(version=2, applied_at=queue.now()))
+        assert queue.init_db() == s.SCHEMA_VERSION == 3
+        assert queue.store.schema_version() == 3
+        assert Tokens(queue).list() == []
+        assert queue.get(kept.id).state == "new"

@@ -101,3 +101,19 @@ def test_tokens_commands_fail_in_one_line(cli: Cli) -> None:
     cli.run("tokens", "revoke", "nobody").error(3, "no live token named 'nobody'")
     assert cli.ok("tokens", "revoke", "a").stdout == "revoked a\n"
     cli.ok("tokens", "create", "--name", "a", "--role", "viewer")  # the name is free again
+
+
+def test_serve_without_a_dispatcher_only_serves(sqlite_cli: Cli) -> None:
+    token = sqlite_cli.ok("tokens", "create", "--name", "a", "--role", "admin").stdout.strip()
+    plain = ssl.create_default_context()
+    with sqlite_cli.background("serve", "--bind", "127.0.0.1:0", "--no-dispatcher") as server:
+        line = server.first_line()
+        assert line.startswith("serving http://127.0.0.1:") and "dispatcher" not in line, line
+        base = line.split()[1]
+        assert _call(f"{base}/v1/dispatchers", token, plain) == (200, {"dispatchers": []})
+        status, task = _call(f"{base}/v1/tasks", token, plain, {"action": "noop"})
+        assert status == 200
+        status, waited = _call(f"{base}/v1/tasks/{task['id']}/wait?timeout=0.5", token, plain)
+        assert (status, waited["timed_out"], waited["task"]["state"]) == (200, True, "new")
+        result = server.stop()
+    assert result.code == 0, str(result)

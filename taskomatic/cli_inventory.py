@@ -39,12 +39,7 @@ def hosts_show(app: App, host: str) -> None:
     row = queue.hosts.get(host)
     view = Inventory(queue).host(host)
     now = queue.now()
-    data = {
-        "host": row.to_dict(),
-        "inventory": view.record.to_dict(now) if view.record else None,
-        "vms": [vm.to_dict() for vm in view.vms],
-        "pools": [pool.to_dict() for pool in view.pools],
-    }
+    data = {"host": row.to_dict(), **view.to_dict(now)}
 
     def human() -> None:
         click.echo(f"host:        {row.name}  {row.state}  {row.uri}")

@@ -243,6 +243,14 @@ class HostView:
     vms: list[VmRecord] = field(default_factory=list)
     pools: list[PoolRecord] = field(default_factory=list)
 
+    def to_dict(self, now: datetime) -> dict[str, Any]:
+        """The view as JSON (the CLI's `--json hosts show`, the HTTP API), `now` dating it."""
+        return {
+            "inventory": self.record.to_dict(now) if self.record else None,
+            "vms": [vm.to_dict() for vm in self.vms],
+            "pools": [pool.to_dict() for pool in self.pools],
+        }
+
 
 class Inventory:
     """Reads and writes the inventory over the queue's transactions (`Inventory(queue)`)."""

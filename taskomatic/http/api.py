@@ -9,7 +9,10 @@ import sqlalchemy as sa
 
 from taskomatic import defaults, errors
 from taskomatic import schema as s
+from taskomatic.drift import drift as find_drift
+from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
 from taskomatic.http.router import HttpError, Request, Response, Route
+from taskomatic.inventory import Inventory
 from taskomatic.model import Dispatcher
 from taskomatic.queue import Queue
 from taskomatic.submission import TaskSpec
@@ -103,6 +106,31 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/v1/hosts/{name}/activate", ADMIN, "activate", "Let new work go to the host again."
     ),
+    Route(
+        "GET",
+        "/v1/hosts/{name}/inventory",
+        VIEW,
+        "host_inventory",
+        "What the inventory knows of a host: versions, CPUs, memory, its VMs and pools.",
+    ),
+    Route(
+        "POST",
+        "/v1/hosts/{name}/clear",
+        ADMIN,
+        "clear_host",
+        "Submit the group clearing a host: by migrating its VMs, or by destroying them.",
+        "ClearSpec",
+    ),
+    Route(
+        "GET",
+        "/v1/vms",
+        VIEW,
+        "vms",
+        "VMs as the hosts last reported them.",
+        query=("host", "state"),
+    ),
+    Route("GET", "/v1/pools", VIEW, "pools", "Storage pools and volumes by host.", query=("host",)),
+    Route("GET", "/v1/drift", VIEW, "drift", "Where the hosts disagree with what tasks last did."),
     Route("GET", "/v1/dispatchers", VIEW, "dispatchers", "Dispatchers alive now."),
     Route(
         "GET",
@@ -284,6 +312,60 @@ class Api:
 
     def activate(self, req: Request) -> Response:
         return Response(200, self.queue.hosts.set_state(req.params["name"], "active").to_dict())
+
+    # -- inventory ---------------------------------------------------------------------------
+
+    def host_inventory(self, req: Request) -> Response:
+        host = self.queue.hosts.get(req.params["name"])
+        view = Inventory(self.queue).host(host.name)
+        return Response(200, {"host": host.to_dict(), **view.to_dict(self.queue.now())})
+
+    def clear_host(self, req: Request) -> Response:
+        body = req.object_body()
+        known = {"how", "i_understand_this_destroys_data", "delete_storage", "copy_storage"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise errors.ValidationError(f"unknown field {unknown[0]!r}", field=unknown[0])
+        flags = {k: body.get(k, False) for k in known - {"how"}}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise errors.ValidationError(f"{key!r} must be true or false", field=key)
+        name, how = req.params["name"], body.get("how")
+        if how == "migrate":
+            group, tasks = clear_by_migrating(
+                self.queue, name, copy_storage=flags["copy_storage"], created_by=req.actor
+            )
+        elif how == "destroy":
+            group, tasks = clear_by_destroying(
+                self.queue,
+                name,
+                i_understand_this_destroys_data=flags["i_understand_this_destroys_data"],
+                delete_storage=flags["delete_storage"],
+                created_by=req.actor,
+            )
+        else:
+            raise errors.ValidationError(
+                "say how to clear the host: 'how' is 'migrate' or 'destroy'", field="how"
+            )
+        return Response(200, {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]})
+
+    def vms(self, req: Request) -> Response:
+        host = req.arg("host")
+        if host is not None:
+            self.queue.hosts.get(host)  # an unknown host is a 404, not an empty list
+        found = Inventory(self.queue).vms(host=host, state=req.arg("state"))
+        return Response(200, {"vms": [vm.to_dict() for vm in found]})
+
+    def pools(self, req: Request) -> Response:
+        host = req.arg("host")
+        if host is not None:
+            self.queue.hosts.get(host)
+        return Response(
+            200, {"pools": [p.to_dict() for p in Inventory(self.queue).pools(host=host)]}
+        )
+
+    def drift(self, req: Request) -> Response:
+        return Response(200, {"drift": [d.to_dict() for d in find_drift(Inventory(self.queue))]})
 
     def dispatchers(self, req: Request) -> Response:
         return Response(200, {"dispatchers": [_dispatcher(d) for d in self.queue.dispatchers()]})

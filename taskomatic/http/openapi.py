@@ -70,6 +70,20 @@ SCHEMAS: dict[str, Any] = {
             "capacity": {"type": ["integer", "null"], "minimum": 0},
         },
     },
+    "ClearSpec": {
+        "type": "object",
+        "required": ["how"],
+        "additionalProperties": False,
+        "properties": {
+            "how": {"enum": ["migrate", "destroy"]},
+            "i_understand_this_destroys_data": {
+                "type": "boolean",
+                "description": "required (true) with how=destroy",
+            },
+            "delete_storage": {"type": "boolean", "description": "how=destroy: pools' data too"},
+            "copy_storage": {"type": "boolean", "description": "how=migrate: copy disks"},
+        },
+    },
     "TokenSpec": {
         "type": "object",
         "required": ["name", "role"],

@@ -345,3 +345,60 @@ def test_db_init_adds_the_tokens_table_to_a_version_2_database(db_url: str) -> N
         assert queue.store.schema_version() == 3
         assert Tokens(queue).list() == []
         assert queue.get(kept.id).state == "new"
+
+
+# -- the inventory over HTTP --------------------------------------------------------------------
+
+FLEET = ROOT / "docs" / "examples" / "fleet"
+
+
+def test_the_inventory_and_clearing_a_host_over_http(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `taskomatic vms`, `pools`, `hosts show`, `drift` and `hosts clear` give, over
+    HTTP: the inventory a dispatcher keeps, and a clear submitted as one group (destroying
+    needs its explicit flag; migrating moves the stopped VM and names the ones that cannot)."""
+    monkeypatch.setattr(defaults, "TOKEN_SCRYPT_N", 2**10)
+    queue = Queue.open(sqlite_url)
+    for name in ("kvm1", "kvm2"):
+        queue.hosts.add(name, f"test://{FLEET}/{name}.xml")
+    secrets = {role: Tokens(queue).create(role, role)[1] for role in ("viewer", "admin")}
+    server = Server(queue, ("127.0.0.1", 0)).start()
+    dispatcher = Dispatcher(queue, workers=2, poll=0.5, inventory=True).start()
+    api = Client(server.url, secrets)
+    try:
+        deadline = time.monotonic() + 20
+        while len(api.ok("GET", "/v1/vms", role="viewer")["vms"]) < 4:
+            assert time.monotonic() < deadline, "the inventory never filled"
+            time.sleep(0.1)
+        running = api.ok("GET", "/v1/vms?host=kvm1&state=running", role="viewer")["vms"]
+        assert sorted(vm["name"] for vm in running) == ["db1", "web1"]
+        shown = api.ok("GET", "/v1/hosts/kvm1/inventory", role="viewer")
+        assert shown["host"]["name"] == "kvm1" and len(shown["vms"]) == 3
+        assert [p["name"] for p in api.ok("GET", "/v1/pools?host=kvm2")["pools"]] == ["images"]
+        assert api.ok("GET", "/v1/drift", role="viewer") == {"drift": []}
+        assert api.call("GET", "/v1/vms?host=nope", role="viewer")[0] == 404
+
+        refusals = [
+            api.call("POST", "/v1/hosts/kvm1/clear", {}),
+            api.call("POST", "/v1/hosts/kvm1/clear", {"how": "destroy"}),
+            api.call("POST", "/v1/hosts/kvm1/clear", {"how": "migrate", "force": True}),
+            api.call("POST", "/v1/hosts/kvm1/clear", {"how": "migrate"}, role="viewer"),
+        ]
+        assert [(status, err["field"]) for status, err in refusals[:3]] == [
+            (400, "how"),
+            (400, "i_understand_this_destroys_data"),
+            (400, "force"),
+        ]
+        assert refusals[3][0] == 403
+
+        cleared = api.ok("POST", "/v1/hosts/kvm1/clear", {"how": "migrate"})
+        assert cleared["group"]["name"] == "clear host kvm1 by migrating 3 vm(s)"
+        done = queue.wait([t["id"] for t in cleared["tasks"]], timeout=20)
+        moves = {t.params["name"]: t for t in done if t.action == "vm.migrate"}
+        assert moves["old-ci"].result is not None and moves["old-ci"].result["host"] == "kvm2"
+        assert {moves[n].state.value for n in ("db1", "web1")} == {"failed"}
+    finally:
+        server.stop()
+        dispatcher.stop(grace=5)
+        queue.close()

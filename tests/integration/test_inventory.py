@@ -519,10 +519,13 @@ def test_clearing_a_host_by_migrating_moves_what_can_move_and_names_what_cannot(
     """Maintenance, then one move per VM to a host chosen when it runs: the stopped VM's
     definition moves to h2; the test driver cannot live-migrate, so each running or paused
     VM's move fails with libvirt's code and the group fails, the last check never running.
-    A VM defined while the host drains is placed elsewhere: the host is in maintenance."""
+    A VM defined once maintenance began, while the host drains, is placed elsewhere."""
     with lab.keeper(thread=False):
         group, tasks = clear_by_migrating(lab.queue, H1)
-    newcomer = lab.submit("vm.define", {"name": "newcomer", "memory_mib": 64})
+    maintenance = next(t for t in tasks if t.action == "host.maintenance")
+    newcomer = lab.submit(
+        "vm.define", {"name": "newcomer", "memory_mib": 64}, after=[maintenance.id]
+    )
     lab.drain()
     done = {(t.action, t.params["name"]): lab.queue.get(t.id) for t in tasks}
     assert done["host.maintenance", H1].state is State.COMPLETE

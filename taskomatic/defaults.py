@@ -124,6 +124,10 @@ HTTP_BIND = "127.0.0.1:8080"
 HTTP_MAX_BODY_BYTES = 1024 * 1024
 """Largest request body the HTTP API reads; larger ones are answered 413 (bytes)."""
 
+HTTP_MAX_REQUESTS = 128
+"""Requests the API serves at once (long-polls included); more are answered 503 at once, so a
+crowd of slow clients cannot pile up threads without bound (count)."""
+
 HTTP_WAIT_MAX_SECONDS = 60.0
 """Longest long-poll of GET /v1/tasks/{id}/wait; larger timeouts are cut to it (seconds)."""
 

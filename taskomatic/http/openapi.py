@@ -115,7 +115,7 @@ _STATUS_TEXT = {
     "409": "conflict or wrong state",
     "413": "body too large",
     "415": "body not application/json",
-    "503": "database unavailable or schema not current",
+    "503": "database unavailable, schema not current, or the server at its request limit",
 }
 
 

@@ -46,8 +46,11 @@ class Server(ThreadingHTTPServer):
         *,
         tls: ssl.SSLContext | None = None,
         max_body: int = defaults.HTTP_MAX_BODY_BYTES,
+        max_requests: int = defaults.HTTP_MAX_REQUESTS,
     ) -> None:
         self.queue = queue
+        self.max_requests = max_requests
+        self.slots = threading.BoundedSemaphore(max_requests)
         self.api = Api(queue, Tokens(queue))
         self.router = Router(ROUTES)
         self.max_body = max_body
@@ -128,8 +131,18 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         parts = urlsplit(self.path)
         path = unquote(parts.path)
+        held = False  # one of the server's slots; liveness answers without one
         try:
             route, params = self.server.router.match(method, path)
+            if route.role is not None:
+                held = self.server.slots.acquire(blocking=False)
+                if not held:
+                    raise HttpError(
+                        503,
+                        "busy",
+                        f"the server is serving its limit of {self.server.max_requests} "
+                        "requests at once; retry shortly",
+                    )
             token = self._authorize(route.role)
             body = self._body()
             request = Request(
@@ -145,6 +158,9 @@ class _Handler(BaseHTTPRequestHandler):
             response = Response(
                 500, {"code": "internal", "message": "internal error; see the log", "field": None}
             )
+        finally:
+            if held:
+                self.server.slots.release()
         self._send(response)
         log.info(
             "%s %s %d %.0fms", method, path, response.status, (time.monotonic() - started) * 1000

@@ -4,6 +4,7 @@ every endpoint, every class of bad input answered 4xx with the JSON error shape,
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -401,4 +402,39 @@ def test_the_inventory_and_clearing_a_host_over_http(
     finally:
         server.stop()
         dispatcher.stop(grace=5)
+        queue.close()
+
+
+def test_requests_beyond_the_limit_are_refused_at_once_but_health_answers(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server at its limit of requests in progress (here one long-poll) answers more with
+    503 `busy` at once instead of piling up threads; liveness still answers, and once the
+    long-poll ends the next request is served."""
+    monkeypatch.setattr(defaults, "TOKEN_SCRYPT_N", 2**10)
+    queue = Queue.open(sqlite_url)
+    secrets = {"viewer": Tokens(queue).create("viewer", "viewer")[1]}
+    server = Server(queue, ("127.0.0.1", 0), max_requests=1).start()
+    api = Client(server.url, secrets)
+    try:
+        task = queue.submit("noop")  # no dispatcher: it stays new, so the wait lasts
+        poll = threading.Thread(
+            target=api.ok,
+            args=("GET", f"/v1/tasks/{task.id}/wait?timeout=2"),
+            kwargs={"role": "viewer"},
+            daemon=True,
+        )
+        poll.start()
+        deadline = time.monotonic() + 5
+        while server.slots.acquire(blocking=False):  # until the long-poll holds the slot
+            server.slots.release()
+            assert time.monotonic() < deadline, "the long-poll never started"
+            time.sleep(0.01)
+        status, err = api.call("GET", "/v1/status", role="viewer")
+        assert (status, err["code"]) == (503, "busy") and "limit of 1 requests" in err["message"]
+        assert api.call("GET", "/v1/health", role=None) == (200, {"status": "ok"})
+        poll.join(10)
+        assert api.ok("GET", "/v1/status", role="viewer")["counts"]["new"] == 1
+    finally:
+        server.stop()
         queue.close()

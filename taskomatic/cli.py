@@ -682,10 +682,7 @@ def dispatcher(
     """Run tasks until stopped (SIGTERM/SIGINT: finish running work, then exit 0)."""
     from taskomatic.dispatcher import Dispatcher
 
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger().setLevel(logging.INFO)
-    queue = app.queue()
-    queue.give_up = defaults.DB_RETRY_GIVE_UP_SECONDS  # a service rides out an outage
+    queue = service_queue(app)
     disp = Dispatcher(
         queue,
         workers=workers,
@@ -695,23 +692,39 @@ def dispatcher(
         inventory=inventory,
         inventory_interval=inventory_interval,
     )
+    on_stop_signals(queue, lambda: disp.stop(grace=grace, wait=False))
+    disp.run(until_empty=until_empty)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def service_queue(app: App) -> Queue:
+    """The queue of a long-running command (`dispatcher`, `serve`): INFO logs, and database
+    outages ridden out for minutes rather than the seconds a person at a prompt waits."""
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    queue = app.queue()
+    queue.give_up = defaults.DB_RETRY_GIVE_UP_SECONDS
+    return queue
+
+
+def on_stop_signals(queue: Queue, stop: Callable[[], None]) -> None:
+    """On the first SIGTERM/SIGINT call `stop` and quit riding out a database outage (which
+    must not hold the exit for minutes); on a second, exit at once (leases recover the rest)."""
     stops = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
         nonlocal stops
         stops += 1
         if stops > 1:
-            os._exit(1)  # asked twice: leave the rest to lease takeover
+            os._exit(1)
         logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
-        disp.stop(grace=grace, wait=False)
-        queue.abandon_retries()  # a database outage must not hold the exit for minutes
+        stop()
+        queue.abandon_retries()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    disp.run(until_empty=until_empty)
-
-
-# -- helpers -----------------------------------------------------------------------------
 
 
 def _wait(

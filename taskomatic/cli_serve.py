@@ -6,19 +6,13 @@ Registered on the group of `taskomatic.cli`, which imports this module.
 from __future__ import annotations
 
 import ipaddress
-import logging
-import os
-import signal
 import threading
-from typing import Any
 
 import click
 
 from taskomatic import defaults, errors
-from taskomatic.cli import App, _user, command, main
+from taskomatic.cli import App, _user, command, main, on_stop_signals, service_queue
 from taskomatic.tokens import Role, Tokens
-
-log = logging.getLogger(__name__)
 
 
 @main.group()
@@ -125,10 +119,7 @@ def serve(
             f"refusing plain HTTP on {host}, which is not a loopback address: give "
             "--tls-cert and --tls-key, or --insecure-bind if something else encrypts the traffic"
         )
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger().setLevel(logging.INFO)
-    queue = app.queue()
-    queue.give_up = defaults.DB_RETRY_GIVE_UP_SECONDS  # a service rides out an outage
+    queue = service_queue(app)
     try:
         server = Server(queue, (host, port), tls=tls)
     except OSError as exc:
@@ -136,22 +127,14 @@ def serve(
     disp = (
         Dispatcher(queue, workers=workers, inventory=inventory).start() if with_dispatcher else None
     )
-    stops = 0
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stops
-        stops += 1
-        if stops > 1:
-            os._exit(1)  # asked twice: leave the rest to lease takeover
-        log.info("%s: stopping", signal.Signals(signum).name)
+    def stop() -> None:
         # shutdown() waits for serve_forever(), which runs in this (the main) thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
         if disp is not None:
             disp.stop(grace=grace, wait=False)
-        queue.abandon_retries()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_stop_signals(queue, stop)
     click.echo(f"serving {server.url}" + (" with a dispatcher" if disp else ""))
     try:
         server.serve_forever()

@@ -73,6 +73,21 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class Expansion:
+    """What an action returns to add tasks to its own group as it completes.
+
+    The tasks are inserted in the transaction that records the completion, and every task
+    that depends on the expanding one waits for them too ("clear a host" lists the host's
+    VMs when it runs and adds one migration per VM). `after` inside `tasks` may name other
+    specs of the expansion. A spec without an id gets one derived from the expanding task,
+    so an action re-run after a crash adds the same tasks, not a second set.
+    """
+
+    tasks: Sequence[TaskSpec]
+    result: Any = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A validated spec: its id, normalized params, locks and prerequisite ids."""
 

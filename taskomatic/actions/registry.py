@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from taskomatic import defaults, errors
+from taskomatic.jobs import JobHooks
 
 if TYPE_CHECKING:
     from taskomatic.virt.fleet import Fleet
@@ -111,6 +112,9 @@ class Context:
 RunFn = Callable[[Context], Any]
 CheckFn = Callable[[Context], Check]
 LocksFn = Callable[[Mapping[str, Any]], Iterable[str]]
+CompensateFn = Callable[[Mapping[str, Any], Any], "tuple[str, Mapping[str, Any]] | None"]
+"""(params, result) of a completed run -> (action, params) of the task undoing it, or None
+when there is nothing to undo (e.g. the VM was already defined before the command ran)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class Action:
     check: CheckFn | None = None
     help: str = ""
     max_attempts: int = defaults.MAX_ATTEMPTS  # unless the submitter says otherwise
+    job: JobHooks | None = None  # set when `run` may hand back a HostJob
+    compensate: CompensateFn | None = None  # how a failed group undoes this action's work
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; InvalidParams naming the first problem."""
@@ -182,6 +188,8 @@ class Registry:
         locks: LocksFn | None = None,
         check: CheckFn | None = None,
         max_attempts: int = defaults.MAX_ATTEMPTS,
+        job: JobHooks | None = None,
+        compensate: CompensateFn | None = None,
     ) -> Callable[[RunFn], RunFn]:
         """Decorator registering `fn(ctx)` as action `name`."""
 
@@ -190,7 +198,19 @@ class Registry:
                 k: v if isinstance(v, Param) else Param(v) for k, v in (params or {}).items()
             }
             doc = (fn.__doc__ or "").strip().splitlines()
-            self.add(Action(name, fn, declared, locks, check, doc[0] if doc else "", max_attempts))
+            self.add(
+                Action(
+                    name,
+                    fn,
+                    declared,
+                    locks,
+                    check,
+                    doc[0] if doc else "",
+                    max_attempts,
+                    job,
+                    compensate,
+                )
+            )
             return fn
 
         return decorate

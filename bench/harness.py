@@ -24,7 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import machine, report
+from sqlalchemy.engine import make_url
+
+from bench import machine, peers, report
 from bench.databases import Database, PostgresDatabase, make
 from bench.procs import BenchError, pyspy
 from bench.workloads import FULL, QUICK, WORKLOADS, Env, Sizes, Workload, profile_batch
@@ -66,6 +68,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "counting SQL statements in the dispatcher and sampling it with py-spy (if installed)",
     )
     parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run pgqueuer and procrastinate (in bench/.peers-venv, created on first use) "
+        "on the same PostgreSQL cluster, alternating with taskomatic (default: on)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (dispatcher logs)"
     )
     args = parser.parse_args(argv)
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     command = "bench/run " + shlex.join(sys.argv[1:] if argv is None else argv)
     dbs: list[Database] = []
+    names = list(backends)  # the report's columns: backends, then the peers run beside them
     samples: list[dict[str, Any]] = []
     failed = False
     data: dict[str, Any] = {"command": command.strip(), "started_at": started.isoformat()}
@@ -131,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"({setup['database_mb']:.0f} MB)"
                 )
         notes: list[str] = []
-        subjects = [Subject(db.backend, db) for db in dbs]
+        subjects: list[Subject] = []
+        for db in dbs:
+            subjects.append(Subject(db.backend, db))
+            peered = {w.name for w in workloads} & {"independent", "chain", "latency"}
+            if db is pg and args.peers and peered:
+                data["peer_versions"] = peers.ensure_venv(say)
+                say("peers: " + ", ".join(f"{k} {v}" for k, v in data["peer_versions"].items()))
+                subjects += [PeerSubject(name, db) for name in peers.PEER_NAMES]
+        names[:] = [s.name for s in subjects]
         failed = measure(subjects, workloads, args, sizes, work_dir, run_id, notes, samples)
         if args.profile:
             if not pyspy():
@@ -156,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             db.close()
         data["finished_at"] = datetime.now(UTC).isoformat()
         data["samples"] = samples
-        data["summary"] = report.summarize(samples, backends)
+        data["summary"] = report.summarize(samples, names)
         out = RESULTS_DIR / f"{run_id}.json"
         report.write_json(out, data)
         if args.keep or failed:
             say(f"dispatcher logs kept in {work_dir}")
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(data, samples, backends, sizes, out)
+    print_report(data, samples, names, sizes, out)
     return 1 if failed else 0
 
 
@@ -180,8 +198,42 @@ class Subject:
     name: str
     db: Database
 
+    def does(self, workload: Workload) -> bool:
+        return True
+
     def run(self, workload: Workload, env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
         return workload.run(env)
+
+
+@dataclass
+class PeerSubject(Subject):
+    """A peer queue on the same PostgreSQL cluster, run by bench/peers/driver.py in its own
+    virtual environment, on a fresh database per run, with the same metric names."""
+
+    def does(self, workload: Workload) -> bool:
+        return workload.name in peers.PEER_WORKLOADS[self.name]
+
+    def run(self, workload: Workload, env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
+        n = {
+            "independent": env.sizes.independent,
+            "chain": env.sizes.chain,
+            "latency": env.sizes.latency_samples,
+        }[workload.name]
+        url = self.db.fresh()
+        conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            metrics = peers.run_peer(
+                self.name,
+                workload.name,
+                conninfo,
+                n,
+                env.workers,
+                self.db.server_cpu,
+                timeout=max(300.0, n / 20),
+            )
+        finally:
+            self.db.drop(url)
+        return metrics, {}
 
 
 def measure(
@@ -200,6 +252,8 @@ def measure(
     for workload in workloads:
         for rep in range(args.repeat):
             for subject in subjects if rep % 2 == 0 else reversed(subjects):
+                if not subject.does(workload):
+                    continue
                 env = Env(
                     subject.db,
                     sizes,
@@ -239,11 +293,19 @@ def _headline(workload: str, m: dict[str, Any]) -> str:
         return f"p50 {m['start_p50_ms']:.2f} ms, p95 {m['start_p95_ms']:.2f} ms"
     if workload == "chain":
         return f"hop p50 {m['hop_p50_ms']:.2f} ms, p95 {m['hop_p95_ms']:.2f} ms"
+    head = (
+        f"submit {m['submit_rate']:,.0f}/s, drain {m['drain_rate']:,.0f}/s, "
+        f"whole {m['total_s']:.2f}s, RSS {m['peak_rss_mb']:.0f} MB"
+    )
+    if "dispatcher_cores" not in m:  # a peer: CPU per task instead of cores
+        return head + (
+            f", CPU ms/task: queue {m['dispatcher_cpu_ms_per_task']:.2f} "
+            f"server {m['server_cpu_ms_per_task']:.2f}"
+        )
     server = f" server {m['server_cores']:.2f}" if "server_cores" in m else ""
     return (
-        f"submit {m['submit_rate']:,.0f}/s, drain {m['drain_rate']:,.0f}/s, "
-        f"whole {m['total_s']:.2f}s, RSS {m['peak_rss_mb']:.0f} MB, "
-        f"cores: dispatcher {m['dispatcher_cores']:.2f}{server} other {m['other_cores']:.2f}"
+        head + f", cores: dispatcher {m['dispatcher_cores']:.2f}{server} "
+        f"other {m['other_cores']:.2f}"
     )
 
 

@@ -37,8 +37,15 @@ def process_cpu(pid: int) -> float:
 
 
 def process_tree_cpu(root: int) -> float:
-    """CPU seconds of `root` and its direct children (a postmaster and its backends)."""
+    """CPU seconds of `root` and its direct children (a postmaster and its backends), the
+    children that have exited included (the root's cutime and cstime count them once it has
+    reaped them: a peer's connections are closed by the time its run is measured)."""
     total = process_cpu(root)
+    try:
+        fields = _stat_fields(root)
+        total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS  # cutime, cstime
+    except (OSError, IndexError):
+        pass
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

@@ -67,6 +67,17 @@ SECTIONS: dict[str, Callable[[Sizes], str]] = {
 }
 
 
+PEER_RATIOS = (
+    ("independent", "drain_rate", "drain (tasks/s), taskomatic ÷ peer (>1: taskomatic faster)"),
+    ("chain", "hop_p50_ms", "chain hop p50, taskomatic ÷ peer (<1: taskomatic faster)"),
+    ("latency", "start_p50_ms", "submit→start p50, taskomatic ÷ peer (<1: taskomatic faster)"),
+)
+"""The comparisons with the peer queues, each taskomatic-on-PostgreSQL over the peer."""
+
+TASKOMATIC_PG = "postgresql"
+HEADERS = {"postgresql": "taskomatic PG", "sqlite": "taskomatic SQLite"}
+
+
 def _values(samples: Sequence[Sample], workload: str, subject: str, metric: str) -> list[float]:
     """The metric of each successful repetition, in repetition order."""
     out = []
@@ -92,6 +103,21 @@ def _ratios(samples: Sequence[Sample], row: Row, subject: str) -> list[float]:
         if s["workload"] == row.over and s["subject"] == subject and "metrics" in s
     }
     return [mine[r] / base[r] for r in sorted(mine) if base.get(r)]
+
+
+def _peer_ratios(samples: Sequence[Sample], workload: str, metric: str, peer: str) -> list[float]:
+    """taskomatic's metric over the peer's, pairing the runs of the same repetition."""
+    mine = {
+        s["rep"]: s["metrics"].get(metric)
+        for s in samples
+        if s["workload"] == workload and s["subject"] == TASKOMATIC_PG and "metrics" in s
+    }
+    theirs = {
+        s["rep"]: s["metrics"].get(metric)
+        for s in samples
+        if s["workload"] == workload and s["subject"] == peer and "metrics" in s
+    }
+    return [mine[r] / theirs[r] for r in sorted(mine) if mine[r] and theirs.get(r)]
 
 
 def stats(values: Sequence[float]) -> dict[str, float] | None:
@@ -128,6 +154,15 @@ def summarize(samples: Sequence[Sample], subjects: Sequence[str]) -> dict[str, A
                     )
                     ratios.setdefault(key, {})[subject] = found
     out["ratios"] = ratios
+    vs: dict[str, Any] = {}
+    for workload, metric, _label in PEER_RATIOS:
+        for peer in subjects:
+            if peer in HEADERS:
+                continue
+            found = stats(_peer_ratios(samples, workload, metric, peer))
+            if found:
+                vs.setdefault(f"{workload}.{metric}", {})[peer] = found
+    out["taskomatic_over_peer"] = vs
     return out
 
 
@@ -145,7 +180,7 @@ def table(samples: Sequence[Sample], subjects: Sequence[str], sizes: Sizes) -> s
     lines = []
     width = 40
     col = 26
-    header = f"{'':<{width}}" + "".join(f"{s:>{col}}" for s in subjects)
+    header = f"{'':<{width}}" + "".join(f"{HEADERS.get(s, s):>{col}}" for s in subjects)
     lines.append(header)
     shown: set[str] = set()
     for row in ROWS:
@@ -165,6 +200,17 @@ def table(samples: Sequence[Sample], subjects: Sequence[str], sizes: Sizes) -> s
         if all(c == "—" for c in cells):
             continue
         lines.append(f"  {row.label:<{width - 2}}" + "".join(f"{c:>{col}}" for c in cells))
+    peers = [s for s in subjects if s not in HEADERS]
+    compared = []
+    for workload, metric, label in PEER_RATIOS:
+        cells = [_cell(_peer_ratios(samples, workload, metric, p), "{:.2f}x") for p in peers]
+        if any(c != "—" for c in cells):
+            compared.append(f"  {label:<{width + 22}}" + "".join(f"{c:>{col}}" for c in cells))
+    if compared:
+        head = "".join(f"{'vs ' + p:>{col}}" for p in peers)
+        title = "taskomatic on PostgreSQL against the peers, same run"
+        lines += ["", f"{title:<{width + 24}}{head}"]
+        lines += compared
     return "\n".join(lines)
 
 

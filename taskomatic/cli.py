@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import sqlalchemy as sa
 
-from taskomatic import defaults, errors
+from taskomatic import defaults, errors, logs
 from taskomatic.actions.registry import registry
 from taskomatic.model import TERMINAL, Group, HostState, State, Task
 from taskomatic.queue import Queue
@@ -668,6 +668,13 @@ def actions(app: App) -> None:
     show_default=True,
     help="Seconds between full inventory syncs of every host.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with the task id as a field.",
+)
 def dispatcher(
     app: App,
     workers: int,
@@ -678,10 +685,12 @@ def dispatcher(
     grace: float,
     inventory: bool,
     inventory_interval: float,
+    log_format: str,
 ) -> None:
     """Run tasks until stopped (SIGTERM/SIGINT: finish running work, then exit 0)."""
     from taskomatic.dispatcher import Dispatcher
 
+    logs.configure(log_format)
     queue = service_queue(app)
     disp = Dispatcher(
         queue,

@@ -1,4 +1,5 @@
-"""`taskomatic serve` (the HTTP API with a dispatcher in one process) and `taskomatic tokens`.
+"""`taskomatic serve` (the HTTP API and the dashboard with a dispatcher in one process) and
+`taskomatic tokens`.
 
 Registered on the group of `taskomatic.cli`, which imports this module.
 """
@@ -10,7 +11,7 @@ import threading
 
 import click
 
-from taskomatic import defaults, errors
+from taskomatic import defaults, errors, logs
 from taskomatic.cli import App, _user, command, main, on_stop_signals, service_queue
 from taskomatic.tokens import Role, Tokens
 
@@ -95,6 +96,13 @@ def tokens_revoke(app: App, name: str) -> None:
     show_default=True,
     help="Seconds running actions get to finish on SIGTERM/SIGINT.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with the task id as a field.",
+)
 def serve(
     app: App,
     bind: str,
@@ -105,8 +113,9 @@ def serve(
     workers: int,
     inventory: bool,
     grace: float,
+    log_format: str,
 ) -> None:
-    """Serve the HTTP API (and run a dispatcher) until SIGTERM/SIGINT."""
+    """Serve the HTTP API and the dashboard (and run a dispatcher) until SIGTERM/SIGINT."""
     from taskomatic.dispatcher import Dispatcher
     from taskomatic.http import Server, tls_context
 
@@ -119,6 +128,7 @@ def serve(
             f"refusing plain HTTP on {host}, which is not a loopback address: give "
             "--tls-cert and --tls-key, or --insecure-bind if something else encrypts the traffic"
         )
+    logs.configure(log_format)
     queue = service_queue(app)
     try:
         server = Server(queue, (host, port), tls=tls)

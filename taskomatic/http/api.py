@@ -11,7 +11,7 @@ from taskomatic import defaults, errors
 from taskomatic import schema as s
 from taskomatic.drift import drift as find_drift
 from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
-from taskomatic.http.router import HttpError, Request, Response, Route
+from taskomatic.http.router import TEXT, HttpError, Request, Response, Route
 from taskomatic.inventory import Inventory
 from taskomatic.model import Dispatcher
 from taskomatic.queue import Queue
@@ -132,6 +132,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/pools", VIEW, "pools", "Storage pools and volumes by host.", query=("host",)),
     Route("GET", "/v1/drift", VIEW, "drift", "Where the hosts disagree with what tasks last did."),
     Route("GET", "/v1/dispatchers", VIEW, "dispatchers", "Dispatchers alive now."),
+    Route(
+        "GET",
+        "/metrics",
+        VIEW,
+        "metrics",
+        "Prometheus metrics, computed from the database (any viewer token may scrape).",
+        produces=TEXT,
+    ),
     Route(
         "GET",
         "/v1/tokens",
@@ -369,6 +377,11 @@ class Api:
 
     def dispatchers(self, req: Request) -> Response:
         return Response(200, {"dispatchers": [_dispatcher(d) for d in self.queue.dispatchers()]})
+
+    def metrics(self, req: Request) -> Response:
+        from taskomatic import metrics
+
+        return Response(200, metrics.render(self.queue), TEXT)
 
     # -- tokens ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from taskomatic.http.api import ROUTES
+from taskomatic.http.router import JSON
 from taskomatic.model import State
 
 _ERROR = {
@@ -126,7 +127,7 @@ def document() -> dict[str, Any]:
         op: dict[str, Any] = {
             "operationId": route.handler,
             "summary": route.summary,
-            "responses": {"200": {"description": "ok", "content": _json({"type": "object"})}},
+            "responses": {"200": {"description": "ok", "content": _ok(route.produces)}},
         }
         if route.role is not None:
             op["security"] = [{"bearer": []}]
@@ -174,6 +175,12 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _ok(produces: str) -> dict[str, Any]:
+    if produces == JSON:
+        return _json({"type": "object"})
+    return {produces.split(";")[0]: {"schema": {"type": "string"}}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ class Request:
     query: Mapping[str, list[str]]
     body: Any
     token: Token | None
+    session: Any = None  # the dashboard's `sessions.Session`, on session routes
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The last value of query parameter `name`."""
@@ -79,10 +80,28 @@ class Request:
         return f"token:{self.token.name}" if self.token else "http"
 
 
+JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format's type
+EVENT_STREAM = "text/event-stream"
+
+
 @dataclass(frozen=True)
 class Response:
+    """What a handler answers: JSON by default (`payload` serialised); for any other
+    `content_type` the payload is the text itself. `stream`, if set, is written after the
+    headers until it ends (server-sent events), in place of the payload."""
+
     status: int
     payload: Any
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+    stream: Iterable[bytes] | None = None
+
+    def body(self) -> bytes:
+        if self.content_type == JSON:
+            return dumps(self.payload)
+        return self.payload.encode() if isinstance(self.payload, str) else bytes(self.payload)
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,10 @@ class Route:
     summary: str
     body: str | None = None  # the name of the request body's schema in the OpenAPI document
     query: Sequence[str] = field(default=())
+    # "bearer": an `Authorization: Bearer` token (the API); "session": the dashboard's cookie,
+    # with form bodies and a CSRF token on POST; "public": nothing (static files, sign-in page).
+    auth: str = "bearer"
+    produces: str = JSON  # the content type of a 200, for the OpenAPI document
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import ssl
 import threading
 import time
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from taskomatic import defaults, errors
+from taskomatic.http import dashboard, pages
 from taskomatic.http.api import ROUTES, Api
 from taskomatic.http.router import (
+    HTML,
+    JSON,
     HttpError,
     Request,
     Response,
+    Route,
     Router,
-    dumps,
     error_body,
     status_of,
 )
+from taskomatic.http.sessions import COOKIE, Session, Sessions
 from taskomatic.queue import Queue
 from taskomatic.tokens import Token, Tokens
 
@@ -31,6 +37,12 @@ log = logging.getLogger(__name__)
 _DRAIN_LIMIT = 16 * 1024 * 1024
 """An oversized body up to this size is read and dropped before the 413, so that the client,
 still sending, reads the answer instead of a reset connection (bytes)."""
+
+
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 class Server(ThreadingHTTPServer):
@@ -47,12 +59,21 @@ class Server(ThreadingHTTPServer):
         tls: ssl.SSLContext | None = None,
         max_body: int = defaults.HTTP_MAX_BODY_BYTES,
         max_requests: int = defaults.HTTP_MAX_REQUESTS,
+        max_streams: int = dashboard.MAX_STREAMS,
     ) -> None:
         self.queue = queue
         self.max_requests = max_requests
         self.slots = threading.BoundedSemaphore(max_requests)
         self.api = Api(queue, Tokens(queue))
-        self.router = Router(ROUTES)
+        self.sessions = Sessions(queue, self.api.tokens)
+        self.dashboard = dashboard.Dashboard(
+            queue, self.sessions, secure=tls is not None, max_streams=max_streams
+        )
+        self.router = Router(ROUTES + dashboard.ROUTES)
+        self.handlers = {(r.method, r.pattern): getattr(self.api, r.handler) for r in ROUTES}
+        self.handlers.update(
+            {(r.method, r.pattern): getattr(self.dashboard, r.handler) for r in dashboard.ROUTES}
+        )
         self.max_body = max_body
         self.tls = tls
         super().__init__(address, _Handler)
@@ -87,6 +108,10 @@ class Server(ThreadingHTTPServer):
         """Serve in a background thread (tests, embedding)."""
         threading.Thread(target=self.serve_forever, name="taskomatic-http", daemon=True).start()
         return self
+
+    def shutdown(self) -> None:
+        self.dashboard.closing.set()  # live streams end within a poll
+        super().shutdown()
 
     def stop(self) -> None:
         self.shutdown()
@@ -132,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = unquote(parts.path)
         held = False  # one of the server's slots; liveness answers without one
+        route: Route | None = None
+        session: Session | None = None
         try:
             route, params = self.server.router.match(method, path)
             if route.role is not None:
@@ -143,28 +170,68 @@ class _Handler(BaseHTTPRequestHandler):
                         f"the server is serving its limit of {self.server.max_requests} "
                         "requests at once; retry shortly",
                     )
-            token = self._authorize(route.role)
-            body = self._body()
+            token = None
+            if route.auth == "session":
+                session = self._session(route)
+                token = session.token
+            else:
+                token = self._authorize(route.role)
+            body = self._body(forms=route.auth != "bearer")
+            if session is not None and method == "POST":
+                self._check_form(session, body)
             request = Request(
-                method, path, params, parse_qs(parts.query, keep_blank_values=True), body, token
+                method,
+                path,
+                params,
+                parse_qs(parts.query, keep_blank_values=True),
+                body,
+                token,
+                session,
             )
-            response: Response = getattr(self.server.api, route.handler)(request)
+            response: Response = self.server.handlers[(route.method, route.pattern)](request)
         except errors.TaskomaticError as exc:
-            response = Response(status_of(exc), error_body(exc))
+            response = self._error(route, session, status_of(exc), exc)
             if response.status >= 500:
                 log.warning("%s %s: %s", method, path, exc.message)
         except Exception:
             log.exception("%s %s failed", method, path)
-            response = Response(
-                500, {"code": "internal", "message": "internal error; see the log", "field": None}
-            )
+            internal = errors.TaskomaticError("internal error; see the log")
+            internal.code = "internal"
+            response = self._error(route, session, 500, internal)
         finally:
             if held:
                 self.server.slots.release()
         self._send(response)
+        ms = (time.monotonic() - started) * 1000
         log.info(
-            "%s %s %d %.0fms", method, path, response.status, (time.monotonic() - started) * 1000
+            "%s %s %d %.0fms",
+            method,
+            path,
+            response.status,
+            ms,
+            extra={"http": {"method": method, "path": path, "status": response.status}},
         )
+
+    def _error(
+        self,
+        route: Route | None,
+        session: Session | None,
+        status: int,
+        exc: errors.TaskomaticError,
+    ) -> Response:
+        """JSON for the API; for the dashboard's pages an HTML page, or the sign-in page when
+        the session is missing or over."""
+        if (
+            route is None
+            or route.auth == "bearer"
+            or not (route.produces == HTML or route.method == "POST")
+        ):
+            return Response(status, error_body(exc))
+        if status == 401:
+            from taskomatic.http.dashboard import redirect
+
+            return redirect("/ui/login")
+        return Response(status, pages.error(status, exc.message, session), HTML)
 
     def _authorize(self, needed: Any) -> Token | None:
         if needed is None:
@@ -180,7 +247,33 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return token
 
-    def _body(self) -> Any:
+    def _session(self, route: Route) -> Session:
+        """The dashboard session of the request's cookie, allowed `route`'s role."""
+        try:
+            jar = SimpleCookie(self.headers.get("Cookie", ""))
+        except CookieError:
+            jar = SimpleCookie()
+        morsel = jar.get(COOKIE)
+        session = self.server.sessions.find(morsel.value if morsel else None)
+        if route.role is not None and not session.token.role.allows(route.role):
+            raise errors.Forbidden(
+                f"you signed in as {session.token.name!r} with role "
+                f"{session.token.role.value}; this needs {route.role.value}"
+            )
+        return session
+
+    def _check_form(self, session: Session, body: Any) -> None:
+        """A dashboard POST comes from one of its own forms: same origin, and the session's
+        CSRF token (SameSite=Strict already keeps other sites' requests cookie-less)."""
+        origin = self.headers.get("Origin")
+        if origin and origin != "null":
+            host = urlsplit(origin).netloc
+            if host != self.headers.get("Host"):
+                raise errors.Forbidden(f"a form posted from {origin} is refused")
+        presented = body.get("csrf") if isinstance(body, dict) else None
+        self.server.sessions.check_csrf(session, presented)
+
+    def _body(self, *, forms: bool = False) -> Any:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             raise HttpError(411, "length_required", "send the body with a Content-Length")
         try:
@@ -200,6 +293,12 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         raw = self.rfile.read(length)
+        if forms and kind == "application/x-www-form-urlencoded":
+            try:
+                fields = parse_qs(raw.decode(), keep_blank_values=True)
+            except UnicodeDecodeError:
+                raise HttpError(400, "invalid", "the form is not UTF-8") from None
+            return {name: values[-1] for name, values in fields.items()}
         if kind != "application/json":
             raise HttpError(
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
@@ -219,18 +318,39 @@ class _Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def _send(self, response: Response) -> None:
-        data = dumps(response.payload)
+        data = b"" if response.stream is not None else response.body()
         try:
             self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Type", response.content_type)
+            if response.stream is None:
+                self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
-            if response.status == 401:
+            for name, value in response.headers:
+                self.send_header(name, value)
+            if response.content_type != JSON:
+                # The dashboard runs only its own script and style, and in no one's frame.
+                self.send_header("Content-Security-Policy", _CSP)
+                self.send_header("X-Frame-Options", "DENY")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Referrer-Policy", "same-origin")
+            if response.status == 401 and response.content_type == JSON:
                 self.send_header("WWW-Authenticate", 'Bearer realm="taskomatic"')
             self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+            if response.stream is None:
+                self.wfile.write(data)
+                return
+            self.close_connection = True
+            for chunk in response.stream:
+                if chunk:
+                    self.wfile.write(chunk)
+                elif select.select([self.connection], [], [], 0)[0]:
+                    return  # the client sends nothing on a stream: readable means it closed
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
             pass  # the client went away; nothing to tell it
+        finally:
+            close = getattr(response.stream, "close", None)
+            if close is not None:
+                close()
 
     def log_message(self, format: str, *args: Any) -> None:
         # http.server's own lines (request lines, errors) go to debug; _handle logs each request

@@ -28,6 +28,7 @@ from taskomatic.model import (
     target,
 )
 from taskomatic.store.inventory import InventoryStatements
+from taskomatic.store.observe import ObserveStatements
 
 t = s.tasks
 
@@ -56,7 +57,7 @@ class Moved:
     refused: dict[uuid.UUID, State | None]
 
 
-class Store(InventoryStatements):
+class Store(InventoryStatements, ObserveStatements):
     """SQL for both backends; a subclass per backend supplies the few dialect differences.
 
     The inventory's statements are in `store/inventory.py`, mixed in here.

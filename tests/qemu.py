@@ -109,6 +109,41 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
+def write_pattern(image: Path, pattern: int, offset: int, length: int) -> None:
+    """Write `length` bytes of `pattern` at `offset` into a qcow2 image no VM holds (qemu-io)."""
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -q -P {pattern:#x} {offset} {length}", str(image)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def holds_pattern(image: Path, pattern: int, offset: int, length: int, *, alone: bool) -> bool:
+    """Whether the image reads `pattern` over that range, read-only even while a VM holds it;
+    with `alone`, from this image's own clusters (its backing image ignored)."""
+    opts: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}
+    if alone:
+        opts["backing"] = None
+    command = f"read -P {pattern:#x} {offset} {length}"
+    done = subprocess.run(
+        ["qemu-io", "-r", "-U", "-c", command, f"json:{json.dumps(opts)}"],
+        capture_output=True,
+        text=True,
+    )
+    return done.returncode == 0 and "verification failed" not in done.stdout
+
+
+def backing_chain(image: Path) -> list[str]:
+    """The files of an image's backing chain, itself first (`qemu-img info --backing-chain`)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [str(i["filename"]) for i in json.loads(out)]
+
+
 def domain_xml(dom: libvirt.virDomain, flags: int = 0) -> ET.Element:
     """A domain's XML, parsed."""
     return ET.fromstring(dom.XMLDesc(flags))

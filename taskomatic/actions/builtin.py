@@ -11,9 +11,9 @@ from taskomatic.actions.registry import Context, Param, Registry
 
 def register(registry: Registry) -> None:
     """Add the built-in actions to `registry` (every registry has them)."""
-    from taskomatic.actions import host, snapshot, storage, vm
+    from taskomatic.actions import host, merge, snapshot, storage, vm
 
-    for module in (vm, snapshot, storage, host):
+    for module in (vm, snapshot, merge, storage, host):
         module.register(registry)
     registry.action("noop")(noop)
     registry.action("sleep", params={"seconds": Param(float, default=1.0)})(sleep)

@@ -1,6 +1,6 @@
 -- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
 
--- Schema version 3.
+-- Schema version 4.
 
 CREATE SEQUENCE tasks_seq;
 
@@ -116,6 +116,9 @@ CREATE TABLE tasks (
 	deadline TIMESTAMP WITH TIME ZONE, 
 	pending INTEGER NOT NULL, 
 	collected_at TIMESTAMP WITH TIME ZONE, 
+	job JSONB, 
+	stop_request JSONB, 
+	compensates UUID, 
 	PRIMARY KEY (id), 
 	CONSTRAINT tasks_state_valid CHECK (state IN ('new', 'running', 'waiting', 'complete', 'failed', 'cancelled')), 
 	CONSTRAINT tasks_pending_nonnegative CHECK (pending >= 0), 

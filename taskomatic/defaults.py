@@ -133,3 +133,12 @@ HTTP_WAIT_MAX_SECONDS = 60.0
 
 HTTP_WAIT_DEFAULT_SECONDS = 30.0
 """Long-poll of GET /v1/tasks/{id}/wait when the caller names no timeout (seconds)."""
+
+JOB_POLL_FIRST_SECONDS = 0.5
+"""First interval between polls of a host job, and again whenever it moves (seconds)."""
+
+JOB_POLL_BACKOFF = 1.5
+"""Each poll that finds nothing new waits this much longer before the next (factor)."""
+
+JOB_POLL_MAX_SECONDS = 15.0
+"""Longest interval between polls of a host job; libvirt events cut it short (seconds)."""

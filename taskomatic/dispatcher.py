@@ -8,13 +8,17 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import Context
+from taskomatic.jobs import HostJob
 from taskomatic.model import Dispatcher as DispatcherRow
-from taskomatic.model import Task
+from taskomatic.model import State, Task
+from taskomatic.monitor import JobMonitor
 from taskomatic.queue import Outcome, Queue
 from taskomatic.virt.connections import Connections
 from taskomatic.virt.fleet import Fleet
@@ -30,6 +34,8 @@ class _Running:
     ctx: Context
     deadline: float | None  # time.monotonic() after which the task times out
     ended: bool = field(default=False)  # failed by us (timeout) or lost; outcome will be refused
+    waiting: bool = field(default=False)  # on a host job, watched by the monitor, no worker
+    stop: Mapping[str, Any] | None = field(default=None)  # a cancel or timeout asked of it
 
 
 class Dispatcher:
@@ -69,7 +75,8 @@ class Dispatcher:
         self.poll = poll
         self.recovery = recovery
         self.pool = WorkerPool(workers, queue.registry, queue.signal.fire)
-        self.running: dict[uuid.UUID, _Running] = {}
+        self.monitor = JobMonitor(queue.registry, self.fleet, queue.signal.fire)
+        self.running: dict[uuid.UUID, _Running] = {}  # running and waiting tasks we hold
         self.missed_wakeups = 0
         self._stop = threading.Event()
         self._grace = defaults.SHUTDOWN_GRACE_SECONDS  # set by stop(), possibly before run()
@@ -143,8 +150,16 @@ class Dispatcher:
                     next_renew = now + self._renew_interval()
                 self._expire_overdue(now)
                 pending += self.pool.drain()
-                free = self.pool.size - len(self.running) + len(pending)
-                result = self.queue.cycle(self.id, pending, free, self.lease)
+                ended, notes = self.monitor.drain()
+                pending += ended
+                if notes:
+                    self._notes(notes)
+                pending = self._route(pending)
+                ending = {o.task.id for o in pending}
+                busy = sum(
+                    1 for tid, r in self.running.items() if not r.waiting and tid not in ending
+                )
+                result = self.queue.cycle(self.id, pending, self.pool.size - busy, self.lease)
             except errors.TaskomaticError as exc:
                 log.error("dispatcher cycle failed, retrying: %s", exc)
                 self._stop.wait(defaults.DB_RETRY_MAX_SECONDS)
@@ -173,12 +188,109 @@ class Dispatcher:
             signal.wait(seen, max(timeout, 0.001))
 
     def _start(self, task: Task, recovered: bool) -> None:
+        r = self._hold(task)
+        if task.state is State.WAITING and task.job is not None:
+            # Taken over while waiting: watch its job again, never start a second one.
+            r.waiting = True
+            self.monitor.watch(task, HostJob.from_dict(task.job), r.ctx, r.stop)
+            return
+        if r.stop is not None:
+            r.ctx.stop.set()
+        self.pool.submit(task, r.ctx, recovered)
+
+    def _hold(self, task: Task) -> _Running:
         ctx = Context(task.id, task.action, task.params, task.attempt, fleet=self.fleet)
         deadline = None
         if task.deadline is not None:
             deadline = time.monotonic() + (task.deadline - self.queue.now()).total_seconds()
-        self.running[task.id] = _Running(task, ctx, deadline)
-        self.pool.submit(task, ctx, recovered)
+        r = self.running[task.id] = _Running(task, ctx, deadline, stop=task.stop_request)
+        return r
+
+    # -- host jobs, stop requests, expansion ------------------------------------------------
+
+    def _route(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Record the outcomes that are not plain ends (a host job started, a run stopped
+        by a cancel, an expansion), each kind in its own transaction; return the rest for
+        the cycle. A kind whose write fails stays in the list, to be tried again."""
+        rest = []
+        jobs, stopped, expanding = [], [], []
+        for o in outcomes:
+            r = self.running.get(o.task.id)
+            stop = r.stop if r is not None else None
+            if o.job is not None:
+                jobs.append(o)
+            elif not o.ok and stop is not None and stop.get("reason") == "cancel":
+                stopped.append(replace(o, task=replace(o.task, stop_request=stop)))
+            elif not o.ok and stop is not None and stop.get("reason") == "timeout":
+                cause = (o.error or {}).get("message", "")
+                error = {"type": "Timeout", "message": f"{stop.get('message')}: {cause}"}
+                rest.append(replace(o, error=error, permanent=True))
+            elif o.ok and o.expansion is not None:
+                expanding.append(o)
+            else:
+                rest.append(o)
+        if jobs:
+            try:
+                self._await_jobs(jobs)
+            except errors.TaskomaticError:
+                return rest + jobs + stopped + expanding
+        if stopped:
+            try:
+                refused = self.queue.end_stopped(self.id, stopped)
+            except errors.TaskomaticError:
+                return rest + stopped + expanding
+            for o in stopped:
+                self.running.pop(o.task.id, None)
+                if o.task.id in refused:
+                    log.info("task %s ended elsewhere before its cancellation", o.task.id)
+        while expanding:
+            o = expanding[0]
+            try:
+                refused_by = self.queue.complete_expanding(self.id, o)
+            except errors.TaskomaticError:
+                return rest + expanding
+            expanding.pop(0)
+            self.running.pop(o.task.id, None)
+            if refused_by is not None:
+                log.info("expansion of task %s discarded: it is %s", o.task.id, refused_by)
+        return rest
+
+    def _await_jobs(self, jobs: list[Outcome]) -> None:
+        refused = self.queue.await_job(self.id, jobs)
+        for o in jobs:
+            assert o.job is not None
+            r = self.running.get(o.task.id)
+            if o.task.id in refused or r is None or r.ended:
+                # Someone else holds the task now; its takeover adopts the job it finds.
+                log.warning(
+                    "task %s started a %s job on %s but is no longer ours",
+                    o.task.id,
+                    o.job.kind,
+                    o.job.host,
+                )
+                self.running.pop(o.task.id, None)
+                continue
+            r.waiting = True
+            task = replace(o.task, state=State.WAITING, job=o.job.to_dict())
+            self.monitor.watch(task, o.job, r.ctx, r.stop)
+
+    def _notes(self, notes: list[Any]) -> None:
+        try:
+            self.queue.note(self.id, [(n.task.id, n.message, n.job) for n in notes])
+        except errors.TaskomaticError as exc:
+            log.warning("could not record %d note(s) of waiting tasks: %s", len(notes), exc)
+
+    def _stop_task(self, tid: uuid.UUID, request: Mapping[str, Any]) -> None:
+        """Pass a stop request on: to the monitor (abort the job) or to the running action."""
+        r = self.running[tid]
+        r.stop = request
+        if r.waiting:
+            self.monitor.request_stop(tid, request)
+        else:
+            r.ctx.stop.set()
+
+    def _has_job(self, action: str) -> bool:
+        return action in self.queue.registry and self.queue.registry.get(action).job is not None
 
     def _next_deadline(self) -> float:
         deadlines = [r.deadline for r in self.running.values() if r.deadline and not r.ended]
@@ -190,6 +302,18 @@ class Dispatcher:
             for tid, r in self.running.items()
             if r.deadline is not None and not r.ended and r.deadline <= now
         }
+        if not overdue:
+            return
+        # A task with a host job is not failed while the job may still run: the job is
+        # aborted, and the task fails (or completes) once the host is done with it.
+        for tid, r in list(overdue.items()):
+            if r.waiting or self._has_job(r.task.action):
+                del overdue[tid]
+                r.deadline = None
+                text = f"timed out after {r.task.timeout:g}s"
+                request = {"reason": "timeout", "message": text, "at": self.queue.now().isoformat()}
+                self.queue.request_stop(self.id, tid, request, f"{text}: stop requested")
+                self._stop_task(tid, request)
         if not overdue:
             return
         failures = {
@@ -218,6 +342,13 @@ class Dispatcher:
             log.error("lost the lease of task %s (taken over or finished elsewhere)", tid)
             self.running[tid].ended = True
             self.running[tid].ctx.stop.set()
+            if self.running[tid].waiting:
+                self.monitor.forget(tid)
+                del self.running[tid]
+        for tid, request in self.queue.stop_requests(self.id, list(kept)).items():
+            if tid in self.running and self.running[tid].stop is None:
+                log.info("task %s: %s requested", tid, request.get("reason"))
+                self._stop_task(tid, request)
 
     def _recover(self) -> None:
         free = self.pool.size - len(self.running)
@@ -253,9 +384,9 @@ class Dispatcher:
         deadline = time.monotonic() + self._grace
         signal = self.queue.signal
         try:
-            while self.running and time.monotonic() < deadline:
+            while self._working() and time.monotonic() < deadline:
                 seen = signal.generation
-                outcomes = self.pool.drain()
+                outcomes = self._route(self.pool.drain())
                 if outcomes:
                     self.queue.cycle(self.id, outcomes, 0, self.lease)
                     for o in outcomes:
@@ -275,5 +406,10 @@ class Dispatcher:
         except errors.TaskomaticError as exc:
             log.error("could not record the shutdown cleanly: %s", exc)
         finally:
+            self.monitor.stop()
             self.pool.stop()
             log.info("dispatcher %s stopped", self.id)
+
+    def _working(self) -> bool:
+        """Some task is in a worker (waiting ones are left to whoever takes them over)."""
+        return any(not r.waiting for r in self.running.values())

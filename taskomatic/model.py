@@ -40,6 +40,9 @@ class Move(enum.StrEnum):
     CANCEL = "cancel"
     RETRY = "retry"
     TAKE_OVER = "take_over"
+    REQUEST_STOP = "request_stop"  # cancel or timeout asked of a running or waiting task
+    STOPPED = "stopped"  # its run or host job ended after a cancel request
+    NOTE = "note"  # an event in a running or waiting task's timeline (abort sent…)
 
 
 # The table of legal moves: (move, from, to). Nothing else may change a task's state.
@@ -49,6 +52,7 @@ MOVES: tuple[tuple[Move, State, State], ...] = (
     (Move.COMPLETE, State.WAITING, State.COMPLETE),
     (Move.AWAIT_JOB, State.RUNNING, State.WAITING),
     (Move.RETRY_LATER, State.RUNNING, State.NEW),
+    (Move.RETRY_LATER, State.WAITING, State.NEW),
     (Move.FAIL, State.RUNNING, State.FAILED),
     (Move.FAIL, State.WAITING, State.FAILED),
     (Move.CANCEL, State.NEW, State.CANCELLED),
@@ -56,6 +60,12 @@ MOVES: tuple[tuple[Move, State, State], ...] = (
     (Move.RETRY, State.CANCELLED, State.NEW),
     (Move.TAKE_OVER, State.RUNNING, State.RUNNING),
     (Move.TAKE_OVER, State.WAITING, State.WAITING),
+    (Move.REQUEST_STOP, State.RUNNING, State.RUNNING),
+    (Move.REQUEST_STOP, State.WAITING, State.WAITING),
+    (Move.NOTE, State.RUNNING, State.RUNNING),
+    (Move.NOTE, State.WAITING, State.WAITING),
+    (Move.STOPPED, State.RUNNING, State.CANCELLED),
+    (Move.STOPPED, State.WAITING, State.CANCELLED),
 )
 
 
@@ -104,6 +114,9 @@ class Task:
     pending: int
     collected_at: datetime | None
     prerequisites: tuple[uuid.UUID, ...] = field(default=())
+    job: Mapping[str, Any] | None = None  # the host job it waits on (kept once it ends)
+    stop_request: Mapping[str, Any] | None = None  # {"reason": cancel|timeout, "message", "at"}
+    compensates: uuid.UUID | None = None  # the task this one undoes (group compensation)
 
     @classmethod
     def from_row(cls, row: Any, prerequisites: tuple[uuid.UUID, ...] = ()) -> Task:
@@ -133,6 +146,9 @@ class Task:
             pending=m["pending"],
             collected_at=m["collected_at"],
             prerequisites=prerequisites,
+            job=m["job"],
+            stop_request=m["stop_request"],
+            compensates=m["compensates"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +176,9 @@ class Task:
             "owner": str(self.owner) if self.owner else None,
             "lease_until": _iso(self.lease_until),
             "collected_at": _iso(self.collected_at),
+            "job": self.job,
+            "stop_request": self.stop_request,
+            "compensates": str(self.compensates) if self.compensates else None,
         }
 
 
@@ -207,11 +226,20 @@ class Group:
     name: str | None
     created_by: str | None
     created_at: datetime
-    counts: Mapping[State, int]
+    counts: Mapping[State, int]  # its tasks by state, compensation tasks apart
+    compensation: Mapping[State, int] = field(default_factory=dict)  # compensation tasks
 
     @property
     def state(self) -> str:
-        """running while any task is live; else failed, cancelled or complete."""
+        """Derived from its tasks: running, complete, failed, cancelled — or, once a failure
+        made it undo what was done, compensating, then compensated (or failed, when a
+        compensation failed too)."""
+        if self.compensation:
+            if any(self.compensation.get(s, 0) for s in LIVE):
+                return "compensating"
+            if any(self.compensation.get(s, 0) for s in (State.FAILED, State.CANCELLED)):
+                return State.FAILED.value
+            return "compensated"
         if any(self.counts.get(s, 0) for s in LIVE):
             return "running"
         for bad in (State.FAILED, State.CANCELLED):
@@ -227,6 +255,7 @@ class Group:
             "created_by": self.created_by,
             "created_at": _iso(self.created_at),
             "counts": {s.value: n for s, n in self.counts.items()},
+            "compensation": {s.value: n for s, n in self.compensation.items()},
         }
 
 

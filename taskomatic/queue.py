@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import functools
 import logging
 import random
@@ -20,6 +21,7 @@ from taskomatic import defaults, errors, explain, wakeup
 from taskomatic.actions.registry import Registry
 from taskomatic.actions.registry import registry as default_registry
 from taskomatic.hosts import Hosts
+from taskomatic.jobs import HostJob
 from taskomatic.model import TERMINAL, Dispatcher, Event, Group, Move, State, Task
 from taskomatic.store.base import Change, Store, open_store
 from taskomatic.submission import Prepared, TaskSpec, prepare
@@ -59,6 +61,8 @@ class Outcome:
     result: Any = None
     error: Mapping[str, Any] | None = None
     permanent: bool = False
+    job: HostJob | None = None  # the run started a host job: the task waits for it
+    expansion: Sequence[TaskSpec] | None = None  # tasks to add to its group as it completes
 
 
 class Queue:
@@ -341,7 +345,12 @@ class Queue:
     def cancel(
         self, task_id: uuid.UUID | str, reason: str = "cancelled", *, actor: str | None = None
     ) -> builtins.list[Task]:
-        """Cancel a `new` task and, transitively, its dependents; returns all cancelled."""
+        """Cancel a `new` task and, transitively, its dependents; returns all cancelled.
+
+        A running or waiting task is asked to stop instead (a host job is aborted): it stays
+        where it is, with its `stop_request`, until its run or job has ended, then ends
+        cancelled — or complete, if the work finished before the stop took effect.
+        """
         tid = _uuid(task_id)
         who = actor or self.actor
 
@@ -350,9 +359,21 @@ class Queue:
                 tid, {"error": {"type": "Cancelled", "message": reason}, "finished_at": now}, reason
             )
             moved = self.store.move(conn, Move.CANCEL, [change], now, who)
+            if moved.refused.get(tid) in (State.RUNNING, State.WAITING):
+                # Its action (or host job) is asked to stop; it ends once it has.
+                request = {"reason": "cancel", "message": reason, "at": now.isoformat()}
+                text = f"cancel requested: {reason}"
+                stop = Change(tid, {"stop_request": request}, text)
+                if self.store.move(conn, Move.REQUEST_STOP, [stop], now, who).moved:
+                    return [tid]
             if tid in moved.refused:
                 raise _refused(tid, moved.refused[tid], Move.CANCEL)
-            return [tid, *self._cancel_dependents(conn, {tid}, {tid: State.CANCELLED}, now, who)]
+            cancelled = [
+                tid,
+                *self._cancel_dependents(conn, {tid}, {tid: State.CANCELLED}, now, who),
+            ]
+            self._settle_groups(conn, cancelled, now, who)
+            return cancelled
 
         ids = self._write(write)
         return self._read(lambda conn: self.store.get_many(conn, ids))
@@ -580,6 +601,7 @@ class Queue:
                 self._cancel_dependents(conn, set(moved.moved), {}, now, actor)
         locked = {o.task.id for o in outcomes if o.task.locks}
         self.store.release_locks(conn, [i for i in ended_ids if i in locked])
+        self._settle_groups(conn, [o.task.id for o in outcomes if o.task.group_id], now, actor)
         return refused
 
     def fail_running(
@@ -601,9 +623,244 @@ class Queue:
             )
             self.store.release_locks(conn, list(moved.moved))
             self._cancel_dependents(conn, set(moved.moved), {}, now, f"dispatcher:{owner}")
+            self._settle_groups(conn, list(moved.moved), now, f"dispatcher:{owner}")
             return set(moved.moved)
 
         return self._write(write)
+
+    # -- host jobs, stop requests, expansion: the dispatcher's slower paths ----------------
+
+    def await_job(
+        self, owner: uuid.UUID, outcomes: Sequence[Outcome]
+    ) -> dict[uuid.UUID, State | None]:
+        """running -> waiting for tasks whose run started a host job (locks and lease stay);
+        returns those no longer ours."""
+        changes = [
+            Change(
+                o.task.id,
+                {"job": o.job.to_dict()},
+                f"waiting on a {o.job.kind} job on host {o.job.host}",
+            )
+            for o in outcomes
+            if o.job is not None
+        ]
+        actor = f"dispatcher:{owner}"
+        return self._write(
+            lambda conn, now: (
+                self.store.move(conn, Move.AWAIT_JOB, changes, now, actor, owner=owner).refused
+            )
+        )
+
+    def note(
+        self,
+        owner: uuid.UUID,
+        notes: Sequence[tuple[uuid.UUID, str, Mapping[str, Any] | None]],
+    ) -> None:
+        """Record (task, message, job) notes of running or waiting tasks of `owner`: an event
+        for each message, the job's latest progress for each job."""
+
+        def write(conn: sa.Connection, now: datetime) -> None:
+            for tid, _, job in notes:
+                if job is not None:
+                    self.store.update_job(conn, owner, tid, job)
+            changes = [Change(tid, {}, message) for tid, message, _ in notes if message]
+            self.store.move(conn, Move.NOTE, changes, now, f"dispatcher:{owner}", owner=owner)
+
+        self._retrying(lambda: self._plain_write(write))
+
+    def request_stop(
+        self, owner: uuid.UUID, task_id: uuid.UUID, request: Mapping[str, Any], message: str
+    ) -> bool:
+        """Record a stop request (a timeout) on a running or waiting task of `owner`."""
+        change = Change(task_id, {"stop_request": dict(request)}, message)
+        actor = f"dispatcher:{owner}"
+        moved = self._write(
+            lambda conn, now: self.store.move(
+                conn, Move.REQUEST_STOP, [change], now, actor, owner=owner
+            )
+        )
+        return task_id in moved.moved
+
+    def stop_requests(
+        self, owner: uuid.UUID, task_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, Mapping[str, Any]]:
+        """Stop requests (cancel, timeout) recorded on these tasks of `owner`."""
+        return self._read(lambda conn: self.store.stop_requests(conn, owner, task_ids))
+
+    def end_stopped(
+        self, owner: uuid.UUID, outcomes: Sequence[Outcome]
+    ) -> dict[uuid.UUID, State | None]:
+        """Cancel tasks whose run or host job ended, without their work, after a cancel
+        request; their dependents are cancelled as for any cancellation."""
+        actor = f"dispatcher:{owner}"
+
+        def write(conn: sa.Connection, now: datetime) -> dict[uuid.UUID, State | None]:
+            changes = []
+            for o in outcomes:
+                request = o.task.stop_request or {}
+                reason = str(request.get("message") or "cancelled")
+                what = (o.error or {}).get("message", "it stopped")
+                error = {"type": "Cancelled", "message": f"{reason}: {what}"}
+                changes.append(
+                    Change(
+                        o.task.id,
+                        {"error": error, "finished_at": now, "lease_until": None, "deadline": None},
+                        f"cancelled: {what}",
+                    )
+                )
+            moved = self.store.move(conn, Move.STOPPED, changes, now, actor, owner=owner)
+            self.store.release_locks(conn, list(moved.moved))
+            ended = {tid: State.CANCELLED for tid in moved.moved}
+            sunk = self._cancel_dependents(conn, set(moved.moved), ended, now, actor)
+            self._settle_groups(conn, [*moved.moved, *sunk], now, actor)
+            return moved.refused
+
+        return self._write(write)
+
+    def complete_expanding(self, owner: uuid.UUID, outcome: Outcome) -> State | None:
+        """Complete a task that adds tasks to its group, in ONE transaction: its new tasks
+        are inserted and every dependent of it waits for them too. Returns None, or the
+        state that refused the completion (the task is no longer ours)."""
+        parent = outcome.task
+        specs = [
+            spec
+            if spec.id is not None
+            else dataclasses.replace(
+                spec, id=uuid.uuid5(parent.id, f"{i}:{spec.name or spec.action}")
+            )
+            for i, spec in enumerate(outcome.expansion or ())
+        ]
+        prepared = prepare(specs, self.registry) if specs else []
+        actor = f"dispatcher:{owner}"
+
+        def write(conn: sa.Connection, now: datetime) -> State | None:
+            done = Change(
+                parent.id,
+                {
+                    "result": outcome.result,
+                    "error": None,
+                    "finished_at": now,
+                    "lease_until": None,
+                    "deadline": None,
+                },
+                f"completed, adding {len(prepared)} task(s) to its group",
+            )
+            moved = self.store.move(conn, Move.COMPLETE, [done], now, actor, owner=owner)
+            if parent.id in moved.refused:
+                return moved.refused[parent.id]
+            fresh = {p.id for p in prepared} - {
+                t.id for t in self.store.get_many(conn, [p.id for p in prepared])
+            }
+            todo = [p for p in prepared if p.id in fresh]
+            inside = {p.id for p in prepared}
+            outside = {a for p in todo for a in p.after if a not in inside}
+            states = self.store.states(conn, outside, share=True)
+            self.store.insert_tasks(
+                conn,
+                [_row(p, now, parent.group_id, actor, states, inside) for p in todo],
+                [(p.id, a) for p in todo for a in p.after],
+                [(p.id, k) for p in todo for k in p.locks],
+            )
+            self.store.insert_events(
+                conn,
+                ((p.id, None, State.NEW, f"added by task {parent.id}") for p in todo),
+                actor,
+                now,
+            )
+            dependents = [d for d, _ in self.store.dependents(conn, [parent.id], State.NEW)]
+            self.store.add_prerequisites(conn, [(d, p.id) for d in dependents for p in todo], now)
+            self.store.release_dependents(conn, [parent.id], now)
+            self.store.release_locks(conn, [parent.id])
+            self._settle_groups(conn, [parent.id], now, actor)
+            return None
+
+        return self._write(write)
+
+    # -- groups: compensation --------------------------------------------------------------
+
+    def _settle_groups(
+        self, conn: sa.Connection, ended: Sequence[uuid.UUID], now: datetime, actor: str
+    ) -> None:
+        """After tasks ended: a group with a failed task stops (its new tasks are cancelled)
+        and, once nothing of it runs any more, undoes its completed work — one compensation
+        task per completed task whose action can undo, run in reverse order of completion.
+
+        Runs in the transaction that ended the tasks, with the group row locked, so two
+        dispatchers ending a group's last tasks at once settle it exactly once.
+        """
+        if not ended:
+            return
+        groups = {t.group_id for t in self.store.get_many(conn, list(ended)) if t.group_id}
+        for gid in sorted(groups, key=str):
+            self.store.lock_group(conn, gid)
+            members = self.store.group_tasks(conn, gid)
+            if any(m.compensates for m in members):
+                continue  # settled already: its compensation runs or ran
+            roots = [m for m in members if _sinks_group(m)]
+            if not roots:
+                continue
+            root = roots[0]
+            verb = "failed" if root.state is State.FAILED else "was cancelled"
+            text = f"group stopped: task {root.id} ({root.action}) {verb}"
+            error = {"type": "GroupFailed", "message": text, "root": str(root.id)}
+            stopped = [
+                Change(m.id, {"error": error, "finished_at": now}, text)
+                for m in members
+                if m.state is State.NEW
+            ]
+            self.store.move(conn, Move.CANCEL, stopped, now, actor)
+            if any(m.state in (State.RUNNING, State.WAITING) for m in members):
+                continue  # settled again when the last of them ends
+            self._compensate(conn, gid, members, root, now)
+
+    def _compensate(
+        self,
+        conn: sa.Connection,
+        gid: uuid.UUID,
+        members: Sequence[Task],
+        root: Task,
+        now: datetime,
+    ) -> None:
+        done = [m for m in members if m.state is State.COMPLETE]
+        done.sort(key=lambda m: m.finished_at or now, reverse=True)
+        specs: builtins.list[TaskSpec] = []
+        undoes: dict[uuid.UUID, uuid.UUID] = {}
+        for m in done:
+            if m.action not in self.registry:
+                continue
+            undo = self.registry.get(m.action).compensate
+            planned = undo(m.params, m.result) if undo else None
+            if planned is None:
+                continue
+            action, params = planned
+            sid = uuid.uuid5(m.id, "compensate")
+            specs.append(
+                TaskSpec(action, params, id=sid, after=[specs[-1].id] if specs else [])  # type: ignore[list-item]
+            )
+            undoes[sid] = m.id
+        if not specs:
+            return
+        prepared = prepare(specs, self.registry)
+        actor = "compensation"
+        inside = set(undoes)
+        rows = [_row(p, now, gid, actor, {}, inside) for p in prepared]
+        for row in rows:
+            row["compensates"] = undoes[row["id"]]
+        self.store.insert_tasks(
+            conn,
+            rows,
+            [(p.id, a) for p in prepared for a in p.after],
+            [(p.id, k) for p in prepared for k in p.locks],
+        )
+        self.store.insert_events(
+            conn,
+            (
+                (p.id, None, State.NEW, f"undoes task {undoes[p.id]}: task {root.id} failed")
+                for p in prepared
+            ),
+            actor,
+            now,
+        )
 
     def _cancel_dependents(
         self,
@@ -646,6 +903,17 @@ class Queue:
 
 
 _SINKING = frozenset({State.FAILED, State.CANCELLED})
+
+
+def _sinks_group(task: Task) -> bool:
+    """A failure of its own (not a consequence of another's), in a task that is not itself
+    a compensation: it makes its group stop and compensate."""
+    if task.compensates is not None:
+        return False
+    if task.state is State.FAILED:
+        return True
+    kind = (task.error or {}).get("type")
+    return task.state is State.CANCELLED and kind not in ("PrerequisiteFailed", "GroupFailed")
 
 
 def backoff(attempt: int) -> float:
@@ -695,7 +963,7 @@ def _refused(tid: uuid.UUID, state: State | None, move: Move) -> errors.Taskomat
     if state is None:
         return errors.TaskNotFound(tid)
     hints = {
-        Move.CANCEL: "only new tasks can be cancelled",
+        Move.CANCEL: "a finished task cannot be cancelled",
         Move.RETRY: "only failed or cancelled tasks can be retried",
     }
     wanted = State.CANCELLED if move is Move.CANCEL else State.NEW

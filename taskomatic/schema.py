@@ -11,12 +11,17 @@ from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from taskomatic.model import LIVE, HostState, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
 
-ADDITIVE_UPGRADES = frozenset({1, 2})
-"""Versions `db init` upgrades by creating the tables they lack (2 added the inventory,
-3 the API tokens)."""
+ADDITIVE_UPGRADES = frozenset({1, 2, 3})
+"""Versions `db init` upgrades by creating the tables and columns they lack (2 added the
+inventory, 3 the API tokens, 4 the host jobs, stop requests and compensation of tasks)."""
+
+ADDED_COLUMNS: dict[int, tuple[tuple[str, str], ...]] = {
+    4: (("tasks", "job"), ("tasks", "stop_request"), ("tasks", "compensates")),
+}
+"""(table, column) each version added to an existing table: `db init` adds them."""
 
 TOKEN_ROLES = ("viewer", "operator", "admin")
 """The roles of API tokens, each allowing what the one before it does and more."""
@@ -97,6 +102,12 @@ tasks = sa.Table(
     # Prerequisites not yet complete, maintained in the transaction that completes one.
     sa.Column("pending", sa.Integer, nullable=False),
     sa.Column("collected_at", UTCDateTime),
+    # The host job a waiting task tracks (taskomatic.jobs.HostJob), kept once it ends.
+    sa.Column("job", JSON),
+    # A cancel or timeout asked of a running or waiting task, until its run or job ends.
+    sa.Column("stop_request", JSON),
+    # The task a compensation task undoes (a group's failure created it).
+    sa.Column("compensates", sa.Uuid),
     sa.CheckConstraint(f"state IN ({STATES})", name="tasks_state_valid"),
     sa.CheckConstraint("pending >= 0", name="tasks_pending_nonnegative"),
     sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name="tasks_attempts_valid"),

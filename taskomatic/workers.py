@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping
 
 from taskomatic import errors
 from taskomatic.actions.registry import Check, Context, Registry
+from taskomatic.jobs import HostJob
 from taskomatic.model import Task
 from taskomatic.queue import Outcome
+from taskomatic.submission import Expansion
 
 log = logging.getLogger(__name__)
 
@@ -23,41 +25,56 @@ def execute(registry: Registry, task: Task, ctx: Context, recovered: bool) -> Ou
     try:
         action = registry.get(task.action)
     except errors.UnknownAction:
-        return _failure(
+        return failure(
             task,
             "UnknownAction",
             f"action {task.action!r} is not registered in this dispatcher; start it "
             "with --actions MODULE, then retry the task",
             permanent=True,
         )
-    try:
+
+    def run() -> Outcome:
         if recovered and action.check is not None:
             found = action.check(ctx)
             if found.status == Check.DONE:
-                return _success(task, found.result)
+                return success(task, found.result)
             if found.status == Check.DIVERGED:
-                return _failure(task, "Diverged", found.message, permanent=True)
-        return _success(task, action.run(ctx))
+                return failure(task, "Diverged", found.message, permanent=True)
+        return success(task, action.run(ctx))
+
+    return guarded(task, run)
+
+
+def guarded(task: Task, fn: Callable[[], Outcome]) -> Outcome:
+    """`fn()`, with any exception it raises turned into the failure it means."""
+    try:
+        return fn()
     except errors.ActionError as exc:
-        return _failure(
+        return failure(
             task, type(exc).__name__, exc.message, permanent=exc.permanent, details=exc.details
         )
     except Exception as exc:
         where = "".join(traceback.format_exception(exc)[-3:])[-2000:]
-        return _failure(task, type(exc).__name__, str(exc) or type(exc).__name__, traceback=where)
+        return failure(task, type(exc).__name__, str(exc) or type(exc).__name__, traceback=where)
 
 
-def _success(task: Task, result: object) -> Outcome:
+def success(task: Task, result: object) -> Outcome:
+    """What a run returned: a result, a host job to wait on, or tasks to add to its group."""
+    if isinstance(result, HostJob):
+        return Outcome(task, True, job=result)
+    expansion = None
+    if isinstance(result, Expansion):
+        expansion, result = list(result.tasks), result.result
     try:
         json.dumps(result)
     except (TypeError, ValueError) as exc:
-        return _failure(
+        return failure(
             task, "BadResult", f"action returned a result that is not JSON: {exc}", permanent=True
         )
-    return Outcome(task, True, result=result)
+    return Outcome(task, True, result=result, expansion=expansion)
 
 
-def _failure(
+def failure(
     task: Task,
     kind: str,
     message: str,

@@ -28,7 +28,6 @@ from taskomatic.model import (
     target,
 )
 from taskomatic.store.inventory import InventoryStatements
-from taskomatic.store.observe import ObserveStatements
 
 t = s.tasks
 
@@ -57,7 +56,7 @@ class Moved:
     refused: dict[uuid.UUID, State | None]
 
 
-class Store(InventoryStatements, ObserveStatements):
+class Store(InventoryStatements):
     """SQL for both backends; a subclass per backend supplies the few dialect differences.
 
     The inventory's statements are in `store/inventory.py`, mixed in here.
@@ -115,7 +114,8 @@ class Store(InventoryStatements, ObserveStatements):
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
             elif max(found) in s.ADDITIVE_UPGRADES:
-                # create_all above added the tables that version lacked; nothing else changed.
+                # create_all above added the tables that version lacked; add its columns.
+                self._add_columns(conn, max(found))
                 conn.execute(
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
@@ -125,6 +125,16 @@ class Store(InventoryStatements, ObserveStatements):
                     f"{s.SCHEMA_VERSION}"
                 )
         return s.SCHEMA_VERSION
+
+    def _add_columns(self, conn: sa.Connection, since: int) -> None:
+        """ALTER TABLE … ADD COLUMN for each column versions after `since` added."""
+        for version in range(since + 1, s.SCHEMA_VERSION + 1):
+            for table, column in s.ADDED_COLUMNS.get(version, ()):
+                if column in {c["name"] for c in sa.inspect(conn).get_columns(table)}:
+                    continue  # the table itself is new: create_all made it whole
+                spec = sa.schema.CreateColumn(s.metadata.tables[table].c[column])
+                ddl = spec.compile(dialect=conn.dialect)
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
 
     def schema_version(self) -> int | None:
         """The recorded schema version, or None when `db init` has not run."""
@@ -658,12 +668,70 @@ class Store(InventoryStatements, ObserveStatements):
         g = conn.execute(sa.select(s.task_groups).where(s.task_groups.c.id == group_id)).first()
         if g is None:
             return None
-        counts = conn.execute(
-            sa.select(t.c.state, sa.func.count())
+        undoes = t.c.compensates.is_not(None).label("undoes")
+        rows = conn.execute(
+            sa.select(t.c.state, undoes, sa.func.count())
             .where(t.c.group_id == group_id)
-            .group_by(t.c.state)
+            .group_by(t.c.state, undoes)
         )
-        return Group(g.id, g.name, g.created_by, g.created_at, {State(st): n for st, n in counts})
+        counts: dict[State, int] = {}
+        compensation: dict[State, int] = {}
+        for state, is_compensation, n in rows:
+            (compensation if is_compensation else counts)[State(state)] = n
+        return Group(g.id, g.name, g.created_by, g.created_at, counts, compensation)
+
+    def lock_group(self, conn: sa.Connection, group_id: uuid.UUID) -> None:
+        """Serialize the transactions that end tasks of one group (to settle it once)."""
+        g = s.task_groups
+        conn.execute(sa.select(g.c.id).where(g.c.id == group_id).with_for_update())
+
+    def group_tasks(self, conn: sa.Connection, group_id: uuid.UUID) -> list[Task]:
+        """Every task of a group, in submission order."""
+        rows = conn.execute(sa.select(t).where(t.c.group_id == group_id).order_by(t.c.seq))
+        return [Task.from_row(r) for r in rows]
+
+    def stop_requests(
+        self, conn: sa.Connection, owner: uuid.UUID, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, Mapping[str, Any]]:
+        """The stop requests (cancel, timeout) on these tasks of `owner`."""
+        if not ids:
+            return {}
+        rows = conn.execute(
+            sa.select(t.c.id, t.c.stop_request).where(
+                t.c.id.in_(ids), t.c.owner == owner, t.c.stop_request.is_not(None)
+            )
+        )
+        return {r.id: r.stop_request for r in rows}
+
+    def update_job(
+        self, conn: sa.Connection, owner: uuid.UUID, task_id: uuid.UUID, job: Mapping[str, Any]
+    ) -> None:
+        """Record a waiting task's job with its latest progress (no event: not a transition)."""
+        conn.execute(
+            t.update()
+            .where(t.c.id == task_id, t.c.owner == owner, t.c.state == State.WAITING)
+            .values(job=job)
+        )
+
+    def add_prerequisites(
+        self, conn: sa.Connection, edges: Sequence[tuple[uuid.UUID, uuid.UUID]], now: datetime
+    ) -> None:
+        """New edges (task, prerequisite) to incomplete prerequisites of `new` tasks."""
+        if not edges:
+            return
+        conn.execute(
+            s.task_prerequisites.insert(),
+            [{"task_id": a, "prerequisite_id": b} for a, b in edges],
+        )
+        added: dict[uuid.UUID, int] = {}
+        for a, _ in edges:
+            added[a] = added.get(a, 0) + 1
+        conn.execute(
+            t.update()
+            .where(t.c.id == sa.bindparam("tid"), _IS_NEW)
+            .values(pending=t.c.pending + sa.bindparam("more"), updated_at=now),
+            [{"tid": tid, "more": n} for tid, n in added.items()],
+        )
 
     def live_count(self, conn: sa.Connection) -> int:
         """Tasks not yet finished."""

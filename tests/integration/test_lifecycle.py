@@ -173,15 +173,12 @@ def test_cancel_in_the_middle_leaves_the_rest(queue: Queue) -> None:
     assert queue.get(a.id).state is State.NEW and queue.get(c.id).state is State.NEW
 
 
-@pytest.mark.parametrize("state", [State.RUNNING, State.COMPLETE, State.CANCELLED])
-def test_cancel_outside_new_is_refused_with_the_state(queue: Queue, state: State) -> None:
-    """Only new tasks can be cancelled; the error says what the task is, and nothing changes."""
+@pytest.mark.parametrize("state", [State.COMPLETE, State.CANCELLED])
+def test_cancel_of_a_finished_task_is_refused_with_the_state(queue: Queue, state: State) -> None:
+    """A finished task cannot be cancelled; the error says what it is, and nothing changes."""
     task = queue.submit("noop")
     dependent = queue.submit("noop", after=[task.id])
-    owner = uuid.uuid4()
-    if state is State.RUNNING:
-        claim(queue, owner)
-    elif state is State.COMPLETE:
+    if state is State.COMPLETE:
         run_to_completion(queue, task)
     else:
         queue.cancel(task.id)
@@ -190,8 +187,26 @@ def test_cancel_outside_new_is_refused_with_the_state(queue: Queue, state: State
         queue.cancel(task.id)
     assert caught.value.state == state
     assert f"task {task.id} is {state.value}" in caught.value.message
-    assert "only new tasks can be cancelled" in caught.value.message
+    assert "a finished task cannot be cancelled" in caught.value.message
     assert queue.get(task.id).state is state
+    assert queue.get(dependent.id) == before
+
+
+def test_cancel_of_a_running_task_asks_it_to_stop(queue: Queue) -> None:
+    """A running task is not cancelled on the spot: it records the request (its dispatcher
+    stops the action and aborts a host job) and stays running; its dependents wait."""
+    task = queue.submit("noop")
+    dependent = queue.submit("noop", after=[task.id])
+    claim(queue, uuid.uuid4())
+    before = queue.get(dependent.id)
+    [asked] = queue.cancel(task.id, "operator changed their mind")
+    assert asked.state is State.RUNNING
+    assert asked.stop_request is not None
+    assert asked.stop_request["reason"] == "cancel"
+    assert asked.stop_request["message"] == "operator changed their mind"
+    last = queue.events(task.id)[-1]
+    assert (last.from_state, last.to_state) == (State.RUNNING, State.RUNNING)
+    assert last.message == "cancel requested: operator changed their mind"
     assert queue.get(dependent.id) == before
 
 

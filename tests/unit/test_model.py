@@ -25,11 +25,14 @@ EXPECTED = {
     Move.CLAIM: {N: R},
     Move.COMPLETE: {R: C, W: C},
     Move.AWAIT_JOB: {R: W},
-    Move.RETRY_LATER: {R: N},
+    Move.RETRY_LATER: {R: N, W: N},
     Move.FAIL: {R: F, W: F},
     Move.CANCEL: {N: X},
     Move.RETRY: {F: N, X: N},
     Move.TAKE_OVER: {R: R, W: W},
+    Move.REQUEST_STOP: {R: R, W: W},
+    Move.NOTE: {R: R, W: W},
+    Move.STOPPED: {R: X, W: X},
 }
 """DESIGN.md §1 drawn as a table: for each move, where it may start and where it leads."""
 

@@ -207,10 +207,11 @@ class Api:
         return Response(200, task.to_dict())
 
     def list_tasks(self, req: Request) -> Response:
+        group = req.arg("group")
         page = self.queue.list(
             state=req.query.get("state") or None,
             action=req.arg("action"),
-            group=req.arg("group"),
+            group=_group_id(group, "group") if group is not None else None,
             limit=req.int_arg("limit", defaults.LIST_LIMIT) or 0,
             cursor=req.int_arg("cursor"),
         )
@@ -386,9 +387,12 @@ class Api:
     # -- tokens ------------------------------------------------------------------------------
 
     def list_tokens(self, req: Request) -> Response:
-        revoked = req.arg("revoked", "false") in ("1", "true", "yes")
+        revoked = req.arg("revoked", "false")
+        if revoked not in ("true", "false"):
+            raise HttpError(400, "invalid", "'revoked' is true or false", field="revoked")
         return Response(
-            200, {"tokens": [t.to_dict() for t in self.tokens.list(include_revoked=revoked)]}
+            200,
+            {"tokens": [t.to_dict() for t in self.tokens.list(include_revoked=revoked == "true")]},
         )
 
     def create_token(self, req: Request) -> Response:
@@ -403,13 +407,15 @@ class Api:
         return Response(200, self.tokens.revoke(req.params["name"]).to_dict())
 
 
-def _group_id(value: Any) -> uuid.UUID | None:
+def _group_id(value: Any, field: str = "id") -> uuid.UUID | None:
     if value is None:
         return None
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise HttpError(400, "invalid", f"group 'id' {value!r} is not a UUID", field="id") from None
+        raise HttpError(
+            400, "invalid", f"group {field!r} {value!r} is not a UUID", field=field
+        ) from None
 
 
 def _dispatcher(d: Dispatcher) -> dict[str, Any]:

@@ -7,9 +7,11 @@ import json
 import re
 from typing import Any
 
+from taskomatic import defaults
 from taskomatic.http.api import ROUTES
-from taskomatic.http.router import JSON
-from taskomatic.model import State
+from taskomatic.http.router import JSON, Route
+from taskomatic.inventory import VM_STATES
+from taskomatic.model import HostState, State
 
 _ERROR = {
     "type": "object",
@@ -66,8 +68,12 @@ SCHEMAS: dict[str, Any] = {
         "required": ["name", "uri"],
         "additionalProperties": False,
         "properties": {
-            "name": {"type": "string"},
-            "uri": {"type": "string", "description": "a libvirt URI"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^\\S+$"},
+            "uri": {
+                "type": "string",
+                "pattern": "^[a-z]+(\\+[a-z]+)?://",
+                "description": "a libvirt URI",
+            },
             "capacity": {"type": ["integer", "null"], "minimum": 0},
         },
     },
@@ -89,7 +95,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["name", "role"],
         "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
             "role": {"enum": ["viewer", "operator", "admin"]},
         },
     },
@@ -135,11 +141,11 @@ def document() -> dict[str, Any]:
         else:
             op["security"] = []
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": name, "in": "path", "required": True, "schema": _path_schema(route, name)}
             for name in re.findall(r"\{(\w+)\}", route.pattern)
         ]
         parameters += [
-            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+            {"name": name, "in": "query", "required": False, "schema": _query_schema(route, name)}
             for name in route.query
         ]
         if parameters:
@@ -152,7 +158,7 @@ def document() -> dict[str, Any]:
         codes = ["400", "503"]
         if route.role is not None:
             codes += ["401", "403"]
-        if "{" in route.pattern:
+        if "{" in route.pattern or "host" in route.query:
             codes.append("404")
         if route.method == "POST":
             codes += ["409", "413", "415"]
@@ -175,6 +181,35 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+_UUID = {"type": "string", "format": "uuid"}
+_QUERY: dict[str, Any] = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT},
+    "cursor": {"type": "integer"},
+    "group": _UUID,
+    "timeout": {"type": "number", "minimum": 0},
+    "revoked": {"enum": ["true", "false"]},
+    "action": {"type": "string"},
+    "host": {"type": "string", "minLength": 1},
+}
+_STATE_QUERY: dict[str, Any] = {
+    "list_tasks": {"enum": [s.value for s in State]},
+    "list_hosts": {"enum": [s.value for s in HostState]},
+    "vms": {"enum": list(VM_STATES)},
+}
+
+
+def _path_schema(route: Route, name: str) -> dict[str, Any]:
+    if name == "id":  # tasks and groups are known by UUID; hosts and tokens by name
+        return _UUID
+    return {"type": "string", "minLength": 1}
+
+
+def _query_schema(route: Route, name: str) -> dict[str, Any]:
+    if name == "state":
+        return _STATE_QUERY[route.handler]
+    return _QUERY[name]
 
 
 def _ok(produces: str) -> dict[str, Any]:

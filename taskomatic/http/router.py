@@ -19,11 +19,20 @@ from taskomatic.tokens import Role, Token
 class HttpError(errors.TaskomaticError):
     """A request the HTTP layer itself refuses (no such route, body too large, not JSON)."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.field = field
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,9 @@ class Router:
                     return route, found.groupdict()
                 allowed.append(route.method)
         if allowed:
+            verbs = ", ".join(sorted(set(allowed)))
             raise HttpError(
-                405, "method_not_allowed", f"{path} allows {', '.join(sorted(set(allowed)))}"
+                405, "method_not_allowed", f"{path} allows {verbs}", headers=(("Allow", verbs),)
             )
         raise HttpError(404, "not_found", f"no endpoint {path}; GET /v1/openapi.json lists them")
 

@@ -152,6 +152,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._handle("PATCH")
 
+    # Any other method (HEAD, OPTIONS, TRACE, …): no route answers it, so it gets the JSON 405
+    # (or 404) rather than http.server's HTML 501. A HEAD's answer has the headers only.
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):
+            return lambda: self._handle(name[3:])
+        raise AttributeError(name)
+
     def _handle(self, method: str) -> None:
         started = time.monotonic()
         parts = urlsplit(self.path)
@@ -170,6 +177,18 @@ class _Handler(BaseHTTPRequestHandler):
                         f"the server is serving its limit of {self.server.max_requests} "
                         "requests at once; retry shortly",
                     )
+            query = parse_qs(parts.query, keep_blank_values=True)
+            _check_text(path, query)
+            if route.auth == "bearer":
+                unknown = sorted(set(query) - set(route.query))
+                if unknown:
+                    known = ", ".join(route.query) or "none"
+                    raise HttpError(
+                        400,
+                        "invalid",
+                        f"unknown query parameter {unknown[0]!r} (known: {known})",
+                        field=unknown[0],
+                    )
             token = None
             if route.auth == "session":
                 session = self._session(route)
@@ -183,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
                 method,
                 path,
                 params,
-                parse_qs(parts.query, keep_blank_values=True),
+                query,
                 body,
                 token,
                 session,
@@ -221,12 +240,13 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> Response:
         """JSON for the API; for the dashboard's pages an HTML page, or the sign-in page when
         the session is missing or over."""
+        headers = exc.headers if isinstance(exc, HttpError) else ()
         if (
             route is None
             or route.auth == "bearer"
             or not (route.produces == HTML or route.method == "POST")
         ):
-            return Response(status, error_body(exc))
+            return Response(status, error_body(exc), headers=headers)
         if status == 401:
             from taskomatic.http.dashboard import redirect
 
@@ -304,11 +324,13 @@ class _Handler(BaseHTTPRequestHandler):
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
         try:
-            return json.loads(raw)
+            parsed = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HttpError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
         except RecursionError:
             raise HttpError(400, "bad_json", "the body is nested too deeply") from None
+        _check_json_text(parsed)
+        return parsed
 
     def _drain(self, length: int) -> None:
         while length > 0:
@@ -337,7 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("WWW-Authenticate", 'Bearer realm="taskomatic"')
             self.end_headers()
             if response.stream is None:
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
                 return
             self.close_connection = True
             for chunk in response.stream:
@@ -359,3 +382,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
+
+
+_NUL = "the request contains a NUL character, which no name, id or text here may hold"
+
+
+def _check_text(path: str, query: dict[str, list[str]]) -> None:
+    """NUL characters are refused up front (400): PostgreSQL cannot store them in text."""
+    if "\x00" in path or any(
+        "\x00" in k or any("\x00" in v for v in vs) for k, vs in query.items()
+    ):
+        raise HttpError(400, "invalid", _NUL)
+
+
+def _check_json_text(value: Any) -> None:
+    """No string (key or value) of a JSON body holds a NUL character."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise HttpError(400, "invalid", _NUL)
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)

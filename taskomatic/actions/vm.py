@@ -20,7 +20,8 @@ from taskomatic import defaults, errors
 from taskomatic.actions import domains
 from taskomatic.actions.domains import ACTIVE, RUNNING, describe, state
 from taskomatic.actions.registry import Check, Context, Param, Registry
-from taskomatic.virt.connections import host_error
+from taskomatic.model import Host
+from taskomatic.virt.connections import code_name, host_error, is_error
 from taskomatic.virt.fleet import Fleet, Found
 
 MIGRATION_NS = "https://taskomatic.dev/xmlns/migration/1"
@@ -82,6 +83,9 @@ def register(registry: Registry) -> None:
             "to": Param(str, default=None, help="target host (default: placed when run)"),
             "live": Param(bool, default=True, help="live-migrate a running VM (peer-to-peer)"),
             "copy_storage": Param(bool, default=False, help="copy disks (no shared storage)"),
+            "bandwidth_mib": Param(
+                int, default=None, help="MiB/s a live migration may use (default: no limit)"
+            ),
         },
         locks=_migrate_locks,
         check=check_migrate,
@@ -303,10 +307,15 @@ def check_undefine(ctx: Context) -> Check:
 
 
 def migrate(ctx: Context) -> dict[str, Any]:
-    """Move a VM to another host: live (peer-to-peer) if it runs, else its definition."""
+    """Move a VM to another host: live (peer-to-peer) if it runs, else its definition.
+
+    A live migration runs to its end inside this call. If one this task started is still
+    running (its dispatcher died, or the call lost its connection), it is awaited, never
+    started again.
+    """
     p, fleet = ctx.params, ctx.hosts
     name = p["name"]
-    copies = fleet.find_copies(name, None)
+    copies = _settled_copies(ctx)
     moved = _moved_by(ctx, copies)
     if moved is not None:
         return _finish_move(fleet, name, moved, copies)
@@ -325,13 +334,11 @@ def migrate(ctx: Context) -> dict[str, Any]:
         if target.name == source.host.name:
             return {**describe(source.host, source.domain), "from": source.host.name}
         running = not _stopped(state(source.domain))
+        if running and not p["live"]:
+            raise errors.ActionFailed(f"vm {name!r} is running; live=false moves only a stopped VM")
         _stamp(ctx, source, running)
         if running:
-            if not p["live"]:
-                raise errors.ActionFailed(
-                    f"vm {name!r} is running; live=false moves only a stopped VM"
-                )
-            _live_migrate(fleet, source, target, p["copy_storage"])
+            _live_migrate(fleet, source, target, p["copy_storage"], p["bandwidth_mib"])
         else:
             _offline_migrate(fleet, source, target)
     # Looked up afresh: a live migration has undefined the source; an offline one has not yet.
@@ -339,14 +346,68 @@ def migrate(ctx: Context) -> dict[str, Any]:
 
 
 def check_migrate(ctx: Context) -> Check:
-    copies = ctx.hosts.find_copies(ctx.params["name"], None)
+    """After a takeover: done if this task's move finished (awaiting one still running),
+    diverged if a live migration it started ended without moving the VM (aborted or failed;
+    starting another is the operator's call), else not started."""
+    name = ctx.params["name"]
+    copies = _settled_copies(ctx)
     moved = _moved_by(ctx, copies)
     if moved is not None and len(copies) == 1:
         return Check.done({**describe(moved.host, moved.domain), "from": _stamp_of(moved)[1]})
+    left = _left_by(ctx, copies)
+    if moved is None and left is not None and _stamp_of(left)[2] and _running(state(left.domain)):
+        return Check.diverged(
+            f"vm {name!r} still runs on host {left.host.name!r}: the live migration this task "
+            "started before its dispatcher stopped ended without moving it (aborted or failed); "
+            "submit vm.migrate again to move it"
+        )
     return Check.not_started()  # not moved, or both copies left: run finishes the move
 
 
-def _live_migrate(fleet: Fleet, source: Found, target: Any, copy_storage: bool) -> None:
+def _settled_copies(ctx: Context) -> list[Found]:
+    """The VM's copies once no live migration this task started is running any more."""
+    copies = ctx.hosts.find_copies(ctx.params["name"], None)
+    left = _left_by(ctx, copies)
+    if left is None or not _stamp_of(left)[2] or not _migrating(left):
+        return copies
+    while _migrating(left):
+        if ctx.stop.wait(defaults.HOST_STATE_POLL_SECONDS):
+            raise errors.ActionError(
+                f"stopped while vm {ctx.params['name']!r} was migrating from host "
+                f"{left.host.name!r}; the migration goes on, and the next attempt awaits it"
+            )
+    return ctx.hosts.find_copies(ctx.params["name"], None)
+
+
+def _migrating(found: Found) -> bool:
+    """Whether an outgoing migration job runs on this copy now (none on a domain that is
+    gone or stopped, as the source is once a migration completed)."""
+    try:
+        stats = found.domain.jobStats(0)
+    except libvirt.libvirtError as exc:
+        # NO_SUPPORT: a driver that reports no jobs (the test driver) migrates nothing live.
+        if is_error(
+            exc,
+            libvirt.VIR_ERR_NO_DOMAIN,
+            libvirt.VIR_ERR_OPERATION_INVALID,
+            libvirt.VIR_ERR_NO_SUPPORT,
+        ):
+            return False
+        raise host_error(exc, found.host.name, "reading the migration job") from None
+    return bool(
+        stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+        and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+    )
+
+
+def _live_migrate(
+    fleet: Fleet, source: Found, target: Host, copy_storage: bool, bandwidth_mib: int | None
+) -> None:
+    """Peer-to-peer live migration: the source host's libvirtd opens `target.uri` itself, so
+    that URI must reach the target from the source host too. With `copy_storage`, every disk
+    is copied while the VM runs; libvirt creates a disk missing on the target only in a
+    storage pool there whose directory holds that path."""
+    name = source.domain.name()
     flags = (
         libvirt.VIR_MIGRATE_LIVE
         | libvirt.VIR_MIGRATE_PEER2PEER
@@ -355,9 +416,29 @@ def _live_migrate(fleet: Fleet, source: Found, target: Any, copy_storage: bool) 
     )
     if copy_storage:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
-    doing = f"live-migrating vm {source.domain.name()!r} to host {target.name!r}"
-    with fleet.call(source.host, doing):
-        source.domain.migrateToURI3(target.uri, {}, flags)
+    params: dict[str, Any] = {}
+    if bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
+    fleet.connect(source.host)  # a host that cannot be reached is a HostError, as elsewhere
+    try:
+        # The whole migration runs on the source host's libvirtd, inside this call.
+        source.domain.migrateToURI3(target.uri, params, flags)
+    except libvirt.libvirtError as exc:
+        if is_error(exc, libvirt.VIR_ERR_OPERATION_ABORTED):
+            raise errors.ActionFailed(
+                f"the live migration of vm {name!r} from host {source.host.name!r} to host "
+                f"{target.name!r} was aborted ({_message(exc)}); the vm still runs on host "
+                f"{source.host.name!r}",
+                host=source.host.name,
+                libvirt_code=code_name(exc),
+            ) from None
+        raise host_error(
+            exc, source.host.name, f"live-migrating vm {name!r} to host {target.name!r}"
+        ) from None
+
+
+def _message(exc: libvirt.libvirtError) -> str:
+    return (exc.get_error_message() or str(exc)).strip()
 
 
 def _offline_migrate(fleet: Fleet, source: Found, target: Any) -> None:
@@ -395,6 +476,8 @@ def _stamp(ctx: Context, source: Found, running: bool) -> None:
     it, which is how `check` recognises its own finished move."""
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0)
     stamp = ET.Element("migration", task=str(ctx.task_id), source=source.host.name)
+    if running:
+        stamp.set("live", "yes")
     with ctx.hosts.call(source.host, f"marking vm {source.domain.name()!r} for migration"):
         source.domain.setMetadata(
             libvirt.VIR_DOMAIN_METADATA_ELEMENT,
@@ -405,20 +488,30 @@ def _stamp(ctx: Context, source: Found, running: bool) -> None:
         )
 
 
-def _stamp_of(found: Found) -> tuple[str | None, str | None]:
-    """(task id, source host) of the migration stamp on a domain, or (None, None)."""
+def _stamp_of(found: Found) -> tuple[str | None, str | None, bool]:
+    """(task id, source host, whether live) of the migration stamp on a domain, or
+    (None, None, False)."""
     try:
         text = found.domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, MIGRATION_NS, 0)
     except libvirt.libvirtError:
-        return None, None
+        return None, None, False
     elem = ET.fromstring(text)
-    return elem.get("task"), elem.get("source")
+    return elem.get("task"), elem.get("source"), elem.get("live") == "yes"
 
 
 def _moved_by(ctx: Context, copies: list[Found]) -> Found | None:
     """The copy this task already moved to another host, if any."""
     for found in copies:
-        task, source = _stamp_of(found)
+        task, source, _ = _stamp_of(found)
         if task == str(ctx.task_id) and source != found.host.name:
+            return found
+    return None
+
+
+def _left_by(ctx: Context, copies: list[Found]) -> Found | None:
+    """The copy this task marked for migration and that is still on its source host."""
+    for found in copies:
+        task, source, _ = _stamp_of(found)
+        if task == str(ctx.task_id) and source == found.host.name:
             return found
     return None

@@ -321,3 +321,35 @@ def test_removing_an_older_snapshot_of_a_running_vm_commits_below_the_newer_one(
     assert {t.job["details"]["active"] for t in commits if t.job} == {False}
     assert holds_pattern(bases[0], 0x71, 0, 8 * MIB, alone=True)
     assert [s.getName() for s in dom.listAllSnapshots(0)] == ["s2"]
+
+
+def test_a_commit_outlives_its_dispatcher_and_the_next_one_follows_the_same_job(
+    qemu_lab: QemuLab, qemu_queue: Queue, tmp_path: Path
+) -> None:
+    lab, queue = qemu_lab, qemu_queue
+    bases = define_two_disk_vm(lab, queue, "handover", tmp_path)
+    overlays = snapshot(lab, queue, "handover", "s")
+    write_pattern(overlays["vda"], 0x3C, 0, 32 * MIB)  # at 8 MiB/s: about 4 s
+    lab.ok(queue, "vm.start", {"name": "handover"})
+    dom = lab.conn.lookupByName("handover")
+
+    group, _ = remove_snapshot(queue, "handover", "s", bandwidth=8)
+    with running_dispatcher(lab, queue):
+        commit = wait_for(queue, group.id, "vda", lambda t: t.state == State.WAITING)
+    # That dispatcher is gone (its leases expired as it stopped); the host job is not.
+    assert queue.get(commit.id).state == State.WAITING
+    assert dom.blockJobInfo("vda", 0)["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+
+    Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
+
+    tasks = queue.list(group=group.id).tasks
+    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    commit = queue.get(commit.id)
+    assert (commit.attempt, commit.result["merged"]) == (1, "live")
+    messages = [e.message for e in queue.events(commit.id)]
+    assert any(m.startswith("taken over from dispatcher") for m in messages), messages
+    # Started once: one run left it waiting; the next dispatcher only polled and finished it.
+    assert sum(m.startswith("waiting on a block-commit job") for m in messages) == 1, messages
+    assert live_chain(dom, "vda") == [str(bases[0])]
+    assert holds_pattern(bases[0], 0x3C, 0, 32 * MIB, alone=True)
+    assert dom.listAllSnapshots(0) == [] and not overlays["vda"].exists()

@@ -15,6 +15,7 @@ from typing import Any
 
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import Context
+from taskomatic.failpoints import crash_point
 from taskomatic.jobs import HostJob
 from taskomatic.model import Dispatcher as DispatcherRow
 from taskomatic.model import State, Task
@@ -245,6 +246,7 @@ class Dispatcher:
                     log.info("task %s ended elsewhere before its cancellation", o.task.id)
         while expanding:
             o = expanding[0]
+            crash_point("dispatcher:before-expansion")
             try:
                 refused_by = self.queue.complete_expanding(self.id, o)
             except errors.TaskomaticError:
@@ -256,6 +258,7 @@ class Dispatcher:
         return rest
 
     def _await_jobs(self, jobs: list[Outcome]) -> None:
+        crash_point("dispatcher:before-waiting")
         refused = self.queue.await_job(self.id, jobs)
         for o in jobs:
             assert o.job is not None

@@ -23,7 +23,9 @@ from typing import Any
 from taskomatic import errors
 from taskomatic.actions.registry import Context, Param, Registry
 from taskomatic.actions.registry import registry as default_registry
+from taskomatic.failpoints import crash_point
 from taskomatic.jobs import HostJob, JobHooks, JobStatus
+from taskomatic.submission import Expansion, TaskSpec
 
 
 def register(registry: Registry) -> None:
@@ -46,6 +48,7 @@ def register(registry: Registry) -> None:
         compensate=lambda p, _r: ("unmark", {"dir": p["dir"], "name": p["name"]}),
     )(mark)
     registry.action("unmark", params={"dir": str, "name": str})(unmark)
+    registry.action("mark.many", params={"dir": str, "names": list})(mark_many)
     registry.action("mark.fail", params={"dir": str, "message": Param(str, default="boom")})(
         mark_fail
     )
@@ -60,10 +63,12 @@ def run(ctx: Context) -> Any:
         return _job(pid, where)  # started before a crash: adopt it, never start a second
     seconds, succeed = ctx.params["seconds"], ctx.params["succeed"]
     script = f"sleep {seconds}" + (f" && echo ok > {where / 'done'}" if succeed else "")
+    crash_point("proc.run:before-start")
     child = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     (where / "pid").write_text(str(child.pid))
     with (where / "starts").open("a") as starts:
         starts.write(f"{child.pid}\n")
+    crash_point("proc.run:started")
     return _job(child.pid, where)
 
 
@@ -93,11 +98,21 @@ def mark(ctx: Context) -> Mapping[str, Any]:
 
 
 def unmark(ctx: Context) -> Mapping[str, Any]:
+    crash_point(f"unmark:{ctx.params['name']}")
     path = Path(ctx.params["dir"]) / ctx.params["name"]
     path.unlink(missing_ok=True)
     with (Path(ctx.params["dir"]) / "undone").open("a") as undone:
         undone.write(ctx.params["name"] + "\n")
     return {"unmarked": str(path)}
+
+
+def mark_many(ctx: Context) -> Expansion:
+    """Add one `mark` per name to the group; the task's dependents wait for them."""
+    with (Path(ctx.params["dir"]) / "expansions").open("a") as runs:
+        runs.write("ran\n")
+    where = ctx.params["dir"]
+    tasks = [TaskSpec("mark", {"dir": where, "name": n}, name=n) for n in ctx.params["names"]]
+    return Expansion(tasks, result={"added": len(tasks)})
 
 
 def mark_fail(ctx: Context) -> None:

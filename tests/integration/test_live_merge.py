@@ -22,7 +22,7 @@ import pytest
 from taskomatic import Dispatcher, Queue, State, Task
 from taskomatic.actions import merge
 from taskomatic.actions.registry import Check, Context, registry
-from taskomatic.errors import ActionFailed
+from taskomatic.errors import ActionFailed, ValidationError
 from taskomatic.flows.merge import remove_snapshot
 from taskomatic.jobs import HostJob
 from taskomatic.virt.fleet import Fleet
@@ -353,3 +353,50 @@ def test_a_commit_outlives_its_dispatcher_and_the_next_one_follows_the_same_job(
     assert live_chain(dom, "vda") == [str(bases[0])]
     assert holds_pattern(bases[0], 0x3C, 0, 32 * MIB, alone=True)
     assert dom.listAllSnapshots(0) == [] and not overlays["vda"].exists()
+
+
+def test_the_plan_refuses_an_internal_snapshot_and_finds_a_removed_one_done(
+    qemu_lab: QemuLab, qemu_queue: Queue, tmp_path: Path
+) -> None:
+    lab, queue = qemu_lab, qemu_queue
+    define_two_disk_vm(lab, queue, "plans", tmp_path)
+    lab.ok(queue, "snapshot.create", {"vm": "plans", "name": "inside"})  # internal
+
+    group, _ = remove_snapshot(queue, "plans", "inside")
+    Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
+
+    (plan,) = queue.list(group=group.id).tasks  # nothing was added
+    assert plan.state == State.FAILED and plan.error is not None
+    assert plan.error["message"] == (
+        "snapshot 'inside' of vm 'plans' holds disk(s) vda, vdb inside the images or in a memory "
+        "file; only external disk-only snapshots are merged (use snapshot.delete on the stopped "
+        "VM for an internal one)"
+    )
+    assert [s.getName() for s in lab.conn.lookupByName("plans").listAllSnapshots(0)] == ["inside"]
+
+    gone = lab.ok(queue, "snapshot.plan_removal", {"vm": "plans", "snapshot": "never-taken"})
+    assert gone == {
+        "vm": "plans",
+        "host": QEMU_HOST,
+        "snapshot": "never-taken",
+        "disks": {},
+        "removed": False,
+    }
+
+
+def test_remove_snapshot_is_idempotent_per_group_id_and_checks_its_bandwidth(
+    qemu_queue: Queue,
+) -> None:
+    gid = uuid.uuid4()
+    group, (plan,) = remove_snapshot(qemu_queue, "web", "s", bandwidth=10, group_id=gid)
+    again, (same,) = remove_snapshot(qemu_queue, "web", "s", bandwidth=10, group_id=gid)
+
+    assert (group.id, again.id, same.id) == (gid, gid, plan.id)
+    assert group.name == "remove snapshot s of vm web"
+    assert plan.action == "snapshot.plan_removal" and plan.locks == ("vm:web",)
+    assert dict(plan.params) == {"vm": "web", "snapshot": "s", "host": None, "bandwidth": 10}
+    assert qemu_queue.list(group=gid).tasks == [qemu_queue.get(plan.id)]
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValidationError) as refused:
+            remove_snapshot(qemu_queue, "web", "s", bandwidth=bad)  # type: ignore[arg-type]
+        assert refused.value.field == "bandwidth"

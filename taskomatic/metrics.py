@@ -35,7 +35,7 @@ def render(queue: Queue) -> str:
 
     def read(conn: Any) -> dict[str, Any]:
         since = now - timedelta(seconds=defaults.DISPATCHER_DEAD_AFTER_SECONDS)
-        waiting = store.waiting_params(conn, WAITING_SCAN)
+        waiting = store.waiting_jobs(conn, WAITING_SCAN)
         return {
             "counts": store.counts(conn),
             "runnable": store.runnable_count(conn, now),
@@ -89,9 +89,9 @@ def render(queue: Queue) -> str:
         out,
         "taskomatic_waiting_host_jobs",
         "gauge",
-        "Tasks waiting for a job on a host, by host (from the task's params or result).",
+        "Tasks waiting for a job on a host, by the host the job runs on.",
     )
-    by_host = Counter(host_of(params, result) or "unknown" for params, result in m["waiting"])
+    by_host = Counter(host_of(*row) or "unknown" for row in m["waiting"])
     by_host["unknown"] += max(0, counts.get(State.WAITING, 0) - len(m["waiting"]))
     out += [
         _sample("taskomatic_waiting_host_jobs", {"host": h}, n)
@@ -124,9 +124,10 @@ def render(queue: Queue) -> str:
     return "\n".join(out) + "\n"
 
 
-def host_of(params: Any, result: Any) -> str | None:
-    """The host a task runs on: its `host` param, else the `host` of its result."""
-    for source in (params, result):
+def host_of(job: Any, params: Any, result: Any) -> str | None:
+    """Where a task runs: the host of its host job, else its `host` param, else its result's
+    `host` (placement at run time reports it there)."""
+    for source in (job, params, result):
         if isinstance(source, dict) and isinstance(source.get("host"), str):
             return str(source["host"])
     return None

@@ -115,7 +115,7 @@ class Dashboard:
         }
         waiting: dict[str, int] = {}
         for t in self.queue.list(state=State.WAITING, limit=defaults.MAX_LIST_LIMIT).tasks:
-            host = host_of(t.params, t.result)
+            host = host_of(t.job, t.params, t.result)
             if host:
                 waiting[host] = waiting.get(host, 0) + 1
         return Response(200, pages.hosts(req.session, found, reachable, waiting), HTML)

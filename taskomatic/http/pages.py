@@ -141,7 +141,7 @@ def task(session: Session, task: Task, events: Sequence[Event], why: Why) -> str
             ("id", escape(str(task.id))),
             ("action", escape(task.action)),
             ("state", f'<span id="state" class="state state-{state}">{state}</span>'),
-            ("host", escape(host_of(task.params, task.result) or "—")),
+            ("host", escape(host_of(task.job, task.params, task.result) or "—")),
             ("group", _group_link(task)),
             ("attempt", f"{task.attempt} of {task.max_attempts}"),
             ("created", escape(f"{_t(task.created_at)} by {task.created_by or '?'}")),
@@ -256,7 +256,8 @@ def _task_row(t: Task) -> str:
     return (
         f'<tr data-task="{t.id}"><td>{_task_link(t.id)}</td><td>{escape(t.action)}</td>'
         f'<td class="state state-{t.state.value}">{t.state.value}</td>'
-        f"<td>{escape(host_of(t.params, t.result) or '')}</td><td>{_t(t.created_at)}</td></tr>"
+        f"<td>{escape(host_of(t.job, t.params, t.result) or '')}</td>"
+        f"<td>{_t(t.created_at)}</td></tr>"
     )
 
 

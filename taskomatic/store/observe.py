@@ -138,15 +138,15 @@ class ObserveStatements:
         query = sa.select(sa.func.count()).where(e.c.from_state == e.c.to_state)
         return int(conn.execute(query).scalar() or 0)
 
-    def waiting_params(self, conn: sa.Connection, limit: int) -> list[Any]:
-        """The params and results of up to `limit` waiting tasks (the host is in one of them)."""
+    def waiting_jobs(self, conn: sa.Connection, limit: int) -> list[tuple[Any, Any, Any]]:
+        """(job, params, result) of up to `limit` waiting tasks: where each one's job runs."""
         rows = conn.execute(
-            sa.select(t.c.params, t.c.result)
+            sa.select(t.c.job, t.c.params, t.c.result)
             .where(t.c.state == State.WAITING.value)
             .order_by(t.c.seq)
             .limit(limit)
         )
-        return [(r.params, r.result) for r in rows]
+        return [(r.job, r.params, r.result) for r in rows]
 
 
 def _histogram(seconds: sa.ColumnElement[float], bounds: Sequence[float]) -> sa.Select[Any]:

@@ -41,8 +41,8 @@
       ], "no groups yet");
       fill("running", s.running, (t) => [taskLink(t.id), t.action, t.host || "—",
         "since " + time(t.started_at), "attempt " + t.attempt], "nothing running");
-      fill("waiting", s.waiting, (t) => [taskLink(t.id), t.action, "on " + (t.host || "?")],
-        "nothing waiting on a host job");
+      fill("waiting", s.waiting, (t) => [taskLink(t.id), t.action,
+        (t.job || "host") + " job on " + (t.host || "?")], "nothing waiting on a host job");
       fill("blocked", s.blocked, (t) => [taskLink(t.id), t.action, t.why], "no new tasks");
       fill("failures", s.failures, (t) => [taskLink(t.id), t.action,
         el("span", { class: "error" }, t.error || "failed"), time(t.finished_at)], "no failures");

@@ -3,6 +3,7 @@ certificate made here with the openssl command, a task run by the embedded dispa
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import ssl
@@ -75,6 +76,20 @@ def test_serve_over_https_runs_tasks_and_stops_on_sigterm(cli: Cli, tmp_path: Pa
         # Plain HTTP to the HTTPS port gets no answer.
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(base.replace("https", "http") + "/v1/health", timeout=5)
+
+        # The dashboard over HTTPS: signing in sets a Secure session cookie that opens it.
+        host, port = base.removeprefix("https://").split(":")
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        conn.request("POST", "/ui/login", f"token={viewer}", form)
+        signed_in = conn.getresponse()
+        signed_in.read()
+        cookie = signed_in.headers["Set-Cookie"]
+        assert signed_in.status == 303 and "Secure" in cookie.split("; "), cookie
+        conn.request("GET", "/ui/", headers={"Cookie": cookie.split(";")[0]})
+        page = conn.getresponse()
+        assert page.status == 200 and b'id="count-new"' in page.read()
+        conn.close()
 
         cli.ok("tokens", "revoke", "eyes")
         assert _call(f"{base}/v1/tasks", viewer, context)[0] == 401

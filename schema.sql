@@ -55,6 +55,7 @@ CREATE TABLE task_groups (
 	name TEXT, 
 	created_by TEXT, 
 	created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	on_failure TEXT, 
 	PRIMARY KEY (id)
 );
 

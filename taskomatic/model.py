@@ -228,6 +228,7 @@ class Group:
     created_at: datetime
     counts: Mapping[State, int]  # its tasks by state, compensation tasks apart
     compensation: Mapping[State, int] = field(default_factory=dict)  # compensation tasks
+    on_failure: str = "stop"  # or "continue": see Queue.submit_group
 
     @property
     def state(self) -> str:
@@ -256,6 +257,7 @@ class Group:
             "created_at": _iso(self.created_at),
             "counts": {s.value: n for s, n in self.counts.items()},
             "compensation": {s.value: n for s, n in self.compensation.items()},
+            "on_failure": self.on_failure,
         }
 
 

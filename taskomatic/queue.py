@@ -177,17 +177,29 @@ class Queue:
         name: str | None = None,
         group_id: uuid.UUID | None = None,
         created_by: str | None = None,
+        on_failure: str = "stop",
     ) -> tuple[Group, builtins.list[Task]]:
-        """Submit tasks as one command (a group), in one transaction."""
+        """Submit tasks as one command (a group), in one transaction.
+
+        When a task of the group fails, `on_failure="stop"` cancels the group's tasks not
+        yet started; "continue" lets every task that does not depend on the failed one run.
+        Either way, once nothing of the group runs any more, completed tasks whose action
+        can undo its work get compensation tasks, run in reverse order of completion.
+        """
+        if on_failure not in GROUP_POLICIES:
+            raise errors.ValidationError(
+                f"on_failure must be one of {', '.join(GROUP_POLICIES)}, got {on_failure!r}",
+                field="on_failure",
+            )
         gid = group_id or uuid.uuid4()
-        tasks = self.submit_many(specs, group=(gid, name), created_by=created_by)
+        tasks = self.submit_many(specs, group=(gid, name, on_failure), created_by=created_by)
         return self.group(gid), tasks
 
     def submit_many(
         self,
         specs: Sequence[TaskSpec],
         *,
-        group: tuple[uuid.UUID, str | None] | None = None,
+        group: tuple[uuid.UUID, str | None, str] | None = None,
         created_by: str | None = None,
     ) -> builtins.list[Task]:
         """Submit tasks with edges among them and to existing tasks, all or nothing.
@@ -218,7 +230,7 @@ class Queue:
                     if a not in inside and a not in states:
                         raise errors.UnknownPrerequisite(p.id, a)
             if group:
-                self.store.insert_group(conn, group[0], group[1], created_by, now)
+                self.store.insert_group(conn, group[0], group[1], created_by, now, group[2])
             self.store.insert_tasks(
                 conn,
                 [_row(p, now, group_id, created_by, states, inside - set(existing)) for p in fresh],
@@ -792,7 +804,7 @@ class Queue:
             return
         groups = {t.group_id for t in self.store.get_many(conn, list(ended)) if t.group_id}
         for gid in sorted(groups, key=str):
-            self.store.lock_group(conn, gid)
+            policy = self.store.lock_group(conn, gid)
             members = self.store.group_tasks(conn, gid)
             if any(m.compensates for m in members):
                 continue  # settled already: its compensation runs or ran
@@ -808,7 +820,10 @@ class Queue:
                 for m in members
                 if m.state is State.NEW
             ]
-            self.store.move(conn, Move.CANCEL, stopped, now, actor)
+            if policy == "stop":
+                self.store.move(conn, Move.CANCEL, stopped, now, actor)
+            elif any(m.state is State.NEW for m in members):
+                continue  # "continue": what does not depend on the failure still runs
             if any(m.state in (State.RUNNING, State.WAITING) for m in members):
                 continue  # settled again when the last of them ends
             self._compensate(conn, gid, members, root, now)
@@ -903,6 +918,9 @@ class Queue:
 
 
 _SINKING = frozenset({State.FAILED, State.CANCELLED})
+
+GROUP_POLICIES = ("stop", "continue")
+"""What a failed task does to the rest of its group; see `Queue.submit_group`."""
 
 
 def _sinks_group(task: Task) -> bool:

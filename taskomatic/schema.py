@@ -19,7 +19,12 @@ ADDITIVE_UPGRADES = frozenset({1, 2, 3})
 inventory, 3 the API tokens, 4 the host jobs, stop requests and compensation of tasks)."""
 
 ADDED_COLUMNS: dict[int, tuple[tuple[str, str], ...]] = {
-    4: (("tasks", "job"), ("tasks", "stop_request"), ("tasks", "compensates")),
+    4: (
+        ("tasks", "job"),
+        ("tasks", "stop_request"),
+        ("tasks", "compensates"),
+        ("task_groups", "on_failure"),
+    ),
 }
 """(table, column) each version added to an existing table: `db init` adds them."""
 
@@ -68,6 +73,9 @@ task_groups = sa.Table(
     sa.Column("name", sa.Text),
     sa.Column("created_by", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # What a failed task does to the rest of the group: "stop" (NULL) cancels its new tasks
+    # before compensating; "continue" lets them run (each VM of a host clear moves or not).
+    sa.Column("on_failure", sa.Text),
 )
 
 task_seq = sa.Sequence("tasks_seq", metadata=metadata)

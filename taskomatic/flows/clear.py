@@ -78,7 +78,9 @@ def clear_by_destroying(
         TaskSpec("host.verify_empty", {"name": host}, after=deleted or undefined or ["maintenance"])
     )
     name = f"clear host {host} by destroying {len(undefined)} vm(s) and {len(deleted)} pool(s)"
-    return queue.submit_group(specs, name=name, group_id=group_id, created_by=created_by)
+    return queue.submit_group(
+        specs, name=name, group_id=group_id, created_by=created_by, on_failure="continue"
+    )
 
 
 def clear_by_migrating(
@@ -109,7 +111,9 @@ def clear_by_migrating(
         )
     )
     name = f"clear host {host} by migrating {len(moves)} vm(s)"
-    return queue.submit_group(specs, name=name, group_id=group_id, created_by=created_by)
+    return queue.submit_group(
+        specs, name=name, group_id=group_id, created_by=created_by, on_failure="continue"
+    )
 
 
 def _check_current(host: str, record: HostRecord | None, now: datetime) -> None:

@@ -28,6 +28,7 @@ from taskomatic.model import (
     target,
 )
 from taskomatic.store.inventory import InventoryStatements
+from taskomatic.store.observe import ObserveStatements
 
 t = s.tasks
 
@@ -56,7 +57,7 @@ class Moved:
     refused: dict[uuid.UUID, State | None]
 
 
-class Store(InventoryStatements):
+class Store(InventoryStatements, ObserveStatements):
     """SQL for both backends; a subclass per backend supplies the few dialect differences.
 
     The inventory's statements are in `store/inventory.py`, mixed in here.
@@ -152,11 +153,12 @@ class Store(InventoryStatements):
         name: str | None,
         by: str | None,
         now: datetime,
+        on_failure: str | None = None,
     ) -> None:
         """Record a group unless it exists."""
+        row = {"id": group_id, "name": name, "created_by": by, "created_at": now}
         conn.execute(
-            self._insert_ignoring_conflicts(s.task_groups),
-            [{"id": group_id, "name": name, "created_by": by, "created_at": now}],
+            self._insert_ignoring_conflicts(s.task_groups), [{**row, "on_failure": on_failure}]
         )
 
     def insert_tasks(
@@ -678,12 +680,15 @@ class Store(InventoryStatements):
         compensation: dict[State, int] = {}
         for state, is_compensation, n in rows:
             (compensation if is_compensation else counts)[State(state)] = n
-        return Group(g.id, g.name, g.created_by, g.created_at, counts, compensation)
+        policy = g.on_failure or "stop"
+        return Group(g.id, g.name, g.created_by, g.created_at, counts, compensation, policy)
 
-    def lock_group(self, conn: sa.Connection, group_id: uuid.UUID) -> None:
-        """Serialize the transactions that end tasks of one group (to settle it once)."""
+    def lock_group(self, conn: sa.Connection, group_id: uuid.UUID) -> str:
+        """Serialize the transactions that end tasks of one group (to settle it once);
+        returns the group's failure policy."""
         g = s.task_groups
-        conn.execute(sa.select(g.c.id).where(g.c.id == group_id).with_for_update())
+        query = sa.select(g.c.on_failure).where(g.c.id == group_id).with_for_update()
+        return conn.execute(query).scalar() or "stop"
 
     def group_tasks(self, conn: sa.Connection, group_id: uuid.UUID) -> list[Task]:
         """Every task of a group, in submission order."""

@@ -84,6 +84,7 @@ def register(registry: Registry) -> None:
         locks=_volume_locks,
         check=_check_volume(present=True),
         max_attempts=attempts,
+        compensate=_delete_if_created,
     )(create_volume)
     registry.action(
         "volume.delete",
@@ -305,6 +306,7 @@ def create_volume(ctx: Context) -> dict[str, Any]:
     with ctx.hosts.call(host, f"creating volume {p['name']!r} in pool {p['pool']!r}") as conn:
         pool = _need_pool(conn, host, p["pool"])
         vol = _lookup_volume(pool, p["name"])
+        created = vol is None
         if vol is None:
             xml = ET.Element("volume")
             ET.SubElement(xml, "name").text = p["name"]
@@ -313,7 +315,14 @@ def create_volume(ctx: Context) -> dict[str, Any]:
             if p["format"]:
                 ET.SubElement(ET.SubElement(xml, "target"), "format", type=p["format"])
             vol = pool.createXML(ET.tostring(xml, encoding="unicode"), 0)
-        return _describe_volume(host, p["pool"], vol)
+        return {**_describe_volume(host, p["pool"], vol), "created": created}
+
+
+def _delete_if_created(params: Mapping[str, Any], result: Any) -> tuple[str, dict[str, Any]] | None:
+    """A volume this task created is deleted; one that was there before is kept."""
+    if not isinstance(result, Mapping) or result.get("created") is not True:
+        return None
+    return "volume.delete", {k: params[k] for k in ("host", "pool", "name")}
 
 
 def delete_volume(ctx: Context) -> dict[str, Any]:

@@ -52,15 +52,21 @@ def register(registry: Registry) -> None:
         locks=_define_locks,
         check=check_define,
         max_attempts=attempts,
+        compensate=_undefine_if_defined,
     )(define)
-    for name, fn, reached in (
-        ("vm.start", start, _running),
-        ("vm.destroy", destroy, _stopped),
-        ("vm.suspend", suspend, _paused),
-        ("vm.resume", resume, _running),
+    for name, fn, reached, undo in (
+        ("vm.start", start, _running, _destroy_if_started),
+        ("vm.destroy", destroy, _stopped, None),
+        ("vm.suspend", suspend, _paused, None),
+        ("vm.resume", resume, _running, None),
     ):
         registry.action(
-            name, params=vm, locks=_vm_locks, check=_check_state(reached), max_attempts=attempts
+            name,
+            params=vm,
+            locks=_vm_locks,
+            check=_check_state(reached),
+            max_attempts=attempts,
+            compensate=undo,
         )(fn)
     registry.action(
         "vm.shutdown",
@@ -154,6 +160,27 @@ def _check_state(reached: Reached) -> Callable[[Context], Check]:
     return check
 
 
+# --- compensation: undo only what this task did, as its result says ---------------------------
+
+
+def _undefine_if_defined(
+    params: Mapping[str, Any], result: Any
+) -> tuple[str, dict[str, Any]] | None:
+    """A VM this task defined is undefined; one that was there before is left alone."""
+    if not isinstance(result, Mapping) or result.get("defined") is not True:
+        return None
+    return "vm.undefine", {"name": params["name"], "host": result.get("host")}
+
+
+def _destroy_if_started(
+    params: Mapping[str, Any], result: Any
+) -> tuple[str, dict[str, Any]] | None:
+    """A VM this task started is powered off; one that already ran is left running."""
+    if not isinstance(result, Mapping) or result.get("started") is not True:
+        return None
+    return "vm.destroy", {"name": params["name"], "host": result.get("host")}
+
+
 # --- define -----------------------------------------------------------------------------------
 
 
@@ -207,7 +234,7 @@ def start(ctx: Context) -> dict[str, Any]:
         _change(found, f"resuming vm {ctx.params['name']!r}", found.domain.resume, _running)
     elif not _running(st):
         _change(found, f"starting vm {ctx.params['name']!r}", found.domain.create, _running)
-    return describe(found.host, found.domain)
+    return {**describe(found.host, found.domain), "started": not _running(st)}
 
 
 def destroy(ctx: Context) -> dict[str, Any]:

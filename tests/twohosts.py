@@ -190,11 +190,14 @@ class TwoHosts:
             "<graphics type='vnc' port='-1' listen='127.0.0.1'/></devices></domain>"
         )
 
-    def make_vm(self, host: str, vm: str, data_mib: int = 0, start: bool = True) -> None:
-        """Define VM `vm` on `host` with a fresh 64 MiB qcow2 disk (its first `data_mib`
-        MiB written, so that copying it takes time), refresh the pool, and start it."""
+    def make_vm(
+        self, host: str, vm: str, *, size_mib: int = 64, data_mib: int = 0, start: bool = True
+    ) -> None:
+        """Define VM `vm` on `host` with a fresh qcow2 disk of `size_mib` (its first
+        `data_mib` MiB written with a pattern), refresh the pool, and start it. A live
+        migration copies the disk's whole size, data or not."""
         path = self.image(host, vm)
-        _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M")
+        _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{size_mib}M")
         if data_mib:
             _run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_mib}M", str(path))
         conn = self.conn(host)

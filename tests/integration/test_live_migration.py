@@ -36,9 +36,9 @@ from taskomatic.virt.fleet import Fleet
 A, B = "twohost-a", "twohost-b"
 
 SLOW_MIB = 4
-"""MiB/s a migration that a test interrupts may use; its disk holds DATA_MIB of data."""
+"""MiB/s a migration that a test interrupts may use; it copies a disk of SLOW_DISK_MIB."""
 
-DATA_MIB = 24
+SLOW_DISK_MIB = 24
 
 WAIT_SECONDS = 90.0
 """Bound on a migration or a takeover finishing; a healthy one takes seconds."""
@@ -127,7 +127,7 @@ def test_a_running_vm_moves_live_with_its_disk_and_nothing_is_left_on_its_source
 ) -> None:
     """vm.migrate of a running VM without shared storage: it runs on b, persistently, its
     disk copied byte for byte; on a it is neither running nor defined; the result says so."""
-    lab.make_vm("a", "web", data_mib=8)
+    lab.make_vm("a", "web", size_mib=16, data_mib=8)
     before = _dom(lab, "a", "web").UUIDString()
     (task,) = _run(
         queue, connections, TaskSpec("vm.migrate", {"name": "web", "to": B, "copy_storage": True})
@@ -148,7 +148,7 @@ def test_a_running_vm_placed_when_the_task_runs_goes_to_the_other_host(
     lab: TwoHosts, queue: Queue, connections: Connections
 ) -> None:
     """Without `to`, the target is chosen when the task runs: the only other active host."""
-    lab.make_vm("b", "db", data_mib=1)
+    lab.make_vm("b", "db", size_mib=16, data_mib=1)
     (task,) = _run(queue, connections, TaskSpec("vm.migrate", {"name": "db", "copy_storage": True}))
     assert task.state is State.COMPLETE, task.error
     assert task.result is not None and (task.result["host"], task.result["from"]) == (A, B)
@@ -161,7 +161,7 @@ def test_without_copy_storage_the_migration_fails_and_the_vm_keeps_running(
 ) -> None:
     """Hosts without shared storage: a move that does not copy the disk is refused by libvirt
     (the target has no such file), the task fails with libvirt's reason, the VM stays put."""
-    lab.make_vm("a", "nocopy")
+    lab.make_vm("a", "nocopy", size_mib=16)
     (task,) = _run(queue, connections, TaskSpec("vm.migrate", {"name": "nocopy", "to": B}))
     assert task.state is State.FAILED
     assert task.error is not None and task.error["host"] == A
@@ -179,7 +179,7 @@ def test_clearing_a_host_by_migrating_moves_every_running_and_stopped_vm(
     """Maintenance, one live move per running VM (disk copied), the stopped VM's definition
     moved, and the final check finding host a empty: every VM is on b as it was."""
     for vm in ("one", "two"):
-        lab.make_vm("a", vm, data_mib=2)
+        lab.make_vm("a", vm, size_mib=16, data_mib=2)
     lab.make_vm("a", "idle", start=False)
     fleet = Fleet(queue.hosts, connections)
     with running_dispatcher(queue, fleet=fleet, inventory=True, poll=0.5):
@@ -213,7 +213,7 @@ def test_an_aborted_migration_leaves_the_vm_running_on_its_source_and_fails_the_
     """`abortJob()` on the source while a slow migration copies the disk: the task fails at
     once (no retry) saying the migration was aborted and where the VM runs; it runs there
     still, the same QEMU process, and the target has no domain left."""
-    lab.make_vm("a", "slow", data_mib=DATA_MIB)
+    lab.make_vm("a", "slow", size_mib=SLOW_DISK_MIB, data_mib=8)
     source = _dom(lab, "a", "slow")
     domain_id = source.ID()
     (task,) = queue.submit_group(
@@ -276,7 +276,7 @@ def _killed_mid_migration(
     """Submit a slow migration of a running `vm` from a to b, start a dispatcher process,
     and kill -9 it once host a's libvirtd is migrating and b has the incoming domain; the
     task and the source domain."""
-    lab.make_vm("a", vm, data_mib=DATA_MIB)
+    lab.make_vm("a", vm, size_mib=SLOW_DISK_MIB, data_mib=8)
     source = _dom(lab, "a", vm)
     (task,) = queue.submit_group(
         [

@@ -342,10 +342,12 @@ def migrate(ctx: Context) -> dict[str, Any]:
     """
     p, fleet = ctx.params, ctx.hosts
     name = p["name"]
-    copies = _settled_copies(ctx)
+    copies, awaited = _settled_copies(ctx)
     moved = _moved_by(ctx, copies)
     if moved is not None:
         return _finish_move(fleet, name, moved, copies)
+    if awaited is not None:
+        raise errors.ActionFailed(_not_moved(name, awaited, "started, and then awaited,"))
     sources = [c for c in copies if not p["host"] or c.host.name == p["host"]]
     if len(sources) != 1:
         where = ", ".join(c.host.name for c in copies) or "no host"
@@ -377,33 +379,38 @@ def check_migrate(ctx: Context) -> Check:
     diverged if a live migration it started ended without moving the VM (aborted or failed;
     starting another is the operator's call), else not started."""
     name = ctx.params["name"]
-    copies = _settled_copies(ctx)
+    copies, _ = _settled_copies(ctx)
     moved = _moved_by(ctx, copies)
     if moved is not None and len(copies) == 1:
         return Check.done({**describe(moved.host, moved.domain), "from": _stamp_of(moved)[1]})
     left = _left_by(ctx, copies)
     if moved is None and left is not None and _stamp_of(left)[2] and _running(state(left.domain)):
-        return Check.diverged(
-            f"vm {name!r} still runs on host {left.host.name!r}: the live migration this task "
-            "started before its dispatcher stopped ended without moving it (aborted or failed); "
-            "submit vm.migrate again to move it"
-        )
+        return Check.diverged(_not_moved(name, left, "started before its dispatcher stopped"))
     return Check.not_started()  # not moved, or both copies left: run finishes the move
 
 
-def _settled_copies(ctx: Context) -> list[Found]:
-    """The VM's copies once no live migration this task started is running any more."""
+def _not_moved(name: str, left: Found, when: str) -> str:
+    return (
+        f"vm {name!r} still runs on host {left.host.name!r}: the live migration this task "
+        f"{when} ended without moving it (aborted or failed); submit vm.migrate again to "
+        "move it"
+    )
+
+
+def _settled_copies(ctx: Context) -> tuple[list[Found], Found | None]:
+    """The VM's copies once no live migration this task started runs any more, and the
+    source copy if such a migration was running (and so was awaited here)."""
     copies = ctx.hosts.find_copies(ctx.params["name"], None)
     left = _left_by(ctx, copies)
     if left is None or not _stamp_of(left)[2] or not _migrating(left):
-        return copies
+        return copies, None
     while _migrating(left):
         if ctx.stop.wait(defaults.HOST_STATE_POLL_SECONDS):
             raise errors.ActionError(
                 f"stopped while vm {ctx.params['name']!r} was migrating from host "
                 f"{left.host.name!r}; the migration goes on, and the next attempt awaits it"
             )
-    return ctx.hosts.find_copies(ctx.params["name"], None)
+    return ctx.hosts.find_copies(ctx.params["name"], None), left
 
 
 def _migrating(found: Found) -> bool:
@@ -446,7 +453,6 @@ def _live_migrate(
     params: dict[str, Any] = {}
     if bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
-    fleet.connect(source.host)  # a host that cannot be reached is a HostError, as elsewhere
     try:
         # The whole migration runs on the source host's libvirtd, inside this call.
         source.domain.migrateToURI3(target.uri, params, flags)

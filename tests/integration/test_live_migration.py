@@ -11,6 +11,7 @@ never starts a second one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,17 +68,31 @@ def connections(lab: TwoHosts) -> Iterator[Connections]:
         conns.close()
 
 
-@pytest.fixture
-def queue(lab: TwoHosts, sqlite_url: str) -> Iterator[Queue]:
-    """A queue with both hosts registered; each test starts (and ends) on two empty hosts."""
+@contextlib.contextmanager
+def _hosts_queue(lab: TwoHosts, url: str) -> Iterator[Queue]:
+    """A queue on `url` with both hosts registered, which are empty before and after."""
     lab.clean()
-    with open_queue(sqlite_url) as q:
+    with open_queue(url) as q:
         q.hosts.add(A, lab.a.uri)
         q.hosts.add(B, lab.b.uri)
         try:
             yield q
         finally:
             lab.clean()
+
+
+@pytest.fixture
+def queue(lab: TwoHosts, sqlite_url: str) -> Iterator[Queue]:
+    """A queue (SQLite) with both hosts registered; each test starts on two empty hosts."""
+    with _hosts_queue(lab, sqlite_url) as q:
+        yield q
+
+
+@pytest.fixture
+def pg_queue(lab: TwoHosts, pg_url: str) -> Iterator[Queue]:
+    """The same on PostgreSQL."""
+    with _hosts_queue(lab, pg_url) as q:
+        yield q
 
 
 def _names(lab: TwoHosts, host: str, flags: int = 0) -> set[str]:
@@ -303,25 +318,34 @@ def _qemu_pid(lab: TwoHosts, host: str, vm: str) -> int:
     return int((lab.hosts[host].base / "run" / "qemu" / f"{vm}.pid").read_text().strip())
 
 
-def test_killed_mid_migration_the_next_dispatcher_awaits_it_and_completes_the_task(
-    lab: TwoHosts, queue: Queue, procs: Processes, sqlite_url: str
-) -> None:
-    """kill -9 while the migration runs: the migration goes on in host a's libvirtd. It is
-    held (the target's QEMU stopped) until a new dispatcher has taken the task over; then the
-    task completes once the VM has arrived — the one incoming domain, never a second move."""
-    task, source = _killed_mid_migration(lab, queue, procs, sqlite_url, "held")
-    incoming = _dom(lab, "b", "held")  # paused on b until the migration ends
-    incoming_id = incoming.ID()
-    target_qemu = _qemu_pid(lab, "b", "held")
-    os.kill(target_qemu, signal.SIGSTOP)  # the copy stalls: the migration cannot end yet
+def _held_until_taken_over(
+    lab: TwoHosts, queue: Queue, procs: Processes, url: str, vm: str
+) -> tuple[Task, libvirt.virDomain, int]:
+    """kill -9 mid-migration, which goes on in host a's libvirtd but is held there (the
+    target's QEMU stopped, so the copy stalls) until a new dispatcher has taken the task over
+    and is awaiting it; then let go. The task, the source domain, the incoming domain's id."""
+    task, source = _killed_mid_migration(lab, queue, procs, url, vm)
+    incoming_id = _dom(lab, "b", vm).ID()  # paused on b until the migration ends
+    target_qemu = _qemu_pid(lab, "b", vm)
+    os.kill(target_qemu, signal.SIGSTOP)
     try:
         assert _migrating(source)
-        _dispatcher(procs, sqlite_url)
+        _dispatcher(procs, url)
         wait_until(lambda: _taken_over(queue, task), WAIT_SECONDS, "the takeover")
         assert _migrating(source), "the migration ended while held"
         assert queue.get(task.id).state is State.RUNNING  # awaiting it, not done, not failed
     finally:
         os.kill(target_qemu, signal.SIGCONT)
+    return task, source, incoming_id
+
+
+def test_killed_mid_migration_the_next_dispatcher_awaits_it_and_completes_the_task(
+    lab: TwoHosts, queue: Queue, procs: Processes, sqlite_url: str
+) -> None:
+    """The migration a killed dispatcher left running completes while the next one awaits
+    it: the task completes once the VM has arrived — the one incoming domain, never a second
+    move."""
+    task, _, incoming_id = _held_until_taken_over(lab, queue, procs, sqlite_url, "held")
     wait_until(lambda: queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
     ended = queue.get(task.id)
     assert ended.state is State.COMPLETE, ended.error
@@ -331,6 +355,25 @@ def test_killed_mid_migration_the_next_dispatcher_awaits_it_and_completes_the_ta
     assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert _stamp_task(moved) == str(task.id)
     assert _names(lab, "a") == set()
+
+
+def test_killed_mid_migration_aborted_while_the_next_dispatcher_awaits_it_fails_the_task(
+    lab: TwoHosts, queue: Queue, procs: Processes, sqlite_url: str
+) -> None:
+    """The migration a killed dispatcher left running is aborted on host a while the next
+    dispatcher awaits it: the task fails saying it ended without moving the VM, which runs
+    on a as before; nothing starts it again."""
+    task, source, _ = _held_until_taken_over(lab, queue, procs, sqlite_url, "halted")
+    domain_id = source.ID()
+    source.abortJob()
+    wait_until(lambda: queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
+    ended = queue.get(task.id)
+    assert ended.state is State.FAILED, ended.result
+    assert ended.error is not None and ended.error["type"] == "Diverged"
+    assert "ended without moving it" in ended.error["message"]
+    assert source.state()[0] == libvirt.VIR_DOMAIN_RUNNING and source.ID() == domain_id
+    assert not _migrating(source)
+    assert _names(lab, "b") == set()
 
 
 def test_killed_mid_migration_that_is_then_aborted_the_task_fails_and_the_vm_stays(
@@ -357,20 +400,22 @@ def test_killed_mid_migration_that_is_then_aborted_the_task_fails_and_the_vm_sta
 
 
 def test_killed_mid_migration_that_then_completes_the_task_completes_without_moving_again(
-    lab: TwoHosts, queue: Queue, procs: Processes, sqlite_url: str
+    lab: TwoHosts, pg_queue: Queue, procs: Processes, pg_url: str
 ) -> None:
     """kill -9 while the migration runs, which then completes before any dispatcher is
     back: the next one's check finds the VM on b with this task's mark and completes the
-    task; the VM stays on b (it is not moved back to a, the only other host)."""
-    task, _ = _killed_mid_migration(lab, queue, procs, sqlite_url, "arrives")
+    task; the VM stays on b (it is not moved back to a, the only other host). On
+    PostgreSQL (the other dispatcher tests here use SQLite)."""
+    task, _ = _killed_mid_migration(lab, pg_queue, procs, pg_url, "arrives")
     incoming_id = _dom(lab, "b", "arrives").ID()
     wait_until(lambda: not _names(lab, "a"), WAIT_SECONDS, "the migration to complete")
-    _dispatcher(procs, sqlite_url)
-    wait_until(lambda: queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
-    ended = queue.get(task.id)
+    _dispatcher(procs, pg_url)
+    wait_until(lambda: pg_queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
+    ended = pg_queue.get(task.id)
     assert ended.state is State.COMPLETE, ended.error
     assert ended.result is not None and (ended.result["host"], ended.result["from"]) == (B, A)
     moved = _dom(lab, "b", "arrives")
     assert moved.ID() == incoming_id and moved.isPersistent()
     assert _names(lab, "a") == set()
     assert uuid.UUID(_stamp_task(moved)) == task.id
+    assert _taken_over(pg_queue, task)

@@ -24,6 +24,7 @@ from taskomatic.actions.registry import registry
 from taskomatic.model import TERMINAL, Group, HostState, State, Task
 from taskomatic.queue import Queue
 from taskomatic.submission import TaskSpec, parse_time
+from taskomatic.tree import group_tree
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -380,7 +381,7 @@ def show(app: App, task_id: str) -> None:
         tasks = queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
         app.out(
             {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]},
-            lambda: _print_group(group.to_dict(), tasks),
+            lambda: click.echo("\n".join(group_tree(group, tasks))),
         )
         return
     events = queue.events(task.id)
@@ -435,17 +436,15 @@ def wait(app: App, ids: tuple[str, ...], timeout: float | None) -> None:
     """Wait until the tasks (or every task of a group) finish; exit 1 if any did not complete."""
     queue = app.queue()
     task_ids: list[uuid.UUID] = []
-    label = None
+    groups: list[Group] = []
     for ref in ids:
         try:
             task_ids.append(queue.get(ref).id)
         except errors.TaskNotFound:
-            group = _group(queue, ref)
-            label = group.name or str(group.id)
-            task_ids += [
-                t.id for t in queue.list(group=group.id, limit=defaults.MAX_LIST_LIMIT).tasks
-            ]
-    tasks = _wait(app, task_ids, timeout, label=label)
+            groups.append(_group(queue, ref))
+    tasks = _wait(app, task_ids, timeout) if task_ids else []
+    for group in groups:  # a group may grow as it runs: wait for the group, not its tasks
+        tasks += wait_group(app, group, timeout)
     app.out([t.to_dict() for t in tasks], lambda: click.echo("\n".join(_line(t) for t in tasks)))
     for task in tasks:
         _exit_for(task)
@@ -455,7 +454,8 @@ def wait(app: App, ids: tuple[str, ...], timeout: float | None) -> None:
 @click.argument("task_id")
 @click.option("--reason", default="cancelled by operator", show_default=True)
 def cancel(app: App, task_id: str, reason: str) -> None:
-    """Cancel a new task and, transitively, the tasks that depend on it."""
+    """Cancel a task: a new one at once, with the tasks that depend on it; a running or
+    waiting one is asked to stop (its host job aborted) and ends once it has."""
     tasks = app.queue().cancel(task_id, reason)
     app.out([t.to_dict() for t in tasks], lambda: click.echo("\n".join(_line(t) for t in tasks)))
 
@@ -497,8 +497,18 @@ def prune(app: App, older_than: str, force: bool) -> None:
 @command(main, "why")
 @click.argument("task_id")
 def why(app: App, task_id: str) -> None:
-    """Explain why a task is not running: prerequisites, locks, not_before, workers."""
-    answer = app.queue().why(task_id)
+    """Explain why a task is not running (prerequisites, locks, not_before, workers), or
+    where a group is: what sank it, what its live tasks wait for."""
+    queue = app.queue()
+    try:
+        answer = queue.why(task_id)
+    except errors.TaskNotFound:
+        group = queue.why_group(_group(queue, task_id).id)
+        lines = [group.summary] + [
+            f"- {w.task.action} {w.task.id}: {w.summary}" for w in group.tasks
+        ]
+        app.out(group.to_dict(), lambda: click.echo("\n".join(lines)))
+        return
     app.out(
         answer.to_dict(),
         lambda: click.echo("\n".join(f"- {b.message}" for b in answer.blockers) or answer.summary),
@@ -739,25 +749,37 @@ def on_stop_signals(queue: Queue, stop: Callable[[], None]) -> None:
 def _wait(
     app: App, ids: list[uuid.UUID], timeout: float | None, label: str | None = None
 ) -> list[Task]:
-    progress = None
-    if label and not app.json:
-        tty = sys.stderr.isatty()
+    progress = _progress(app, label) if label else None
+    return app.queue().wait(ids, timeout=timeout, on_change=progress)
 
-        def progress(tasks: list[Task]) -> None:
-            counts: dict[str, int] = {}
-            for t in tasks:
-                counts[t.state.value] = counts.get(t.state.value, 0) + 1
-            done = sum(t.state in TERMINAL for t in tasks)
-            text = (
-                f"{label}: {done}/{len(tasks)} finished ("
-                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                + ")"
-            )
-            click.echo(("\r\x1b[K" if tty else "") + text, err=True, nl=not tty)
 
-    tasks = app.queue().wait(ids, timeout=timeout, on_change=progress)
-    if progress is not None and sys.stderr.isatty():
-        click.echo("", err=True)
+def _progress(app: App, label: str) -> Callable[[list[Task]], None] | None:
+    """A progress line on stderr for waits (one line, redrawn on a terminal)."""
+    if app.json:
+        return None
+    tty = sys.stderr.isatty()
+
+    def progress(tasks: list[Task]) -> None:
+        counts: dict[str, int] = {}
+        for t in tasks:
+            counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        done = sum(t.state in TERMINAL for t in tasks)
+        text = (
+            f"{label}: {done}/{len(tasks)} finished ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + ")"
+        )
+        end = "" if tty and done < len(tasks) else "\n"
+        click.echo(("\r\x1b[K" if tty else "") + text + end, err=True, nl=False)
+
+    return progress
+
+
+def wait_group(app: App, group: Group, timeout: float | None) -> list[Task]:
+    """Wait for a group to end, showing its progress on stderr (unless --json)."""
+    _, tasks = app.queue().wait_group(
+        group.id, timeout, on_change=_progress(app, group.name or str(group.id))
+    )
     return tasks
 
 
@@ -813,18 +835,6 @@ def _print_task(task: Task, events: Sequence[Any]) -> None:
             f"  {e.at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {src:>9} -> {e.to_state.value:9}"
             f"  {e.actor}  {e.message}"
         )
-
-
-def _print_group(group: dict[str, Any], tasks: Sequence[Task]) -> None:
-    click.echo(
-        f"group {group['id']}"
-        + (f" ({group['name']})" if group["name"] else "")
-        + f": {group['state']}"
-    )
-    by_id = {t.id: t for t in tasks}
-    for t in sorted(tasks, key=lambda t: t.created_at):
-        after = [str(p)[:8] for p in t.prerequisites if p in by_id]
-        click.echo(f"  {_line(t)}" + (f"  after {', '.join(after)}" if after else ""))
 
 
 def _params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
@@ -922,4 +932,4 @@ def _safe_url(url: str) -> str:
 
 # The inventory's commands (`vms`, `pools`, `drift`, `hosts show`, `hosts clear`) and `serve`
 # and `tokens` live in their own modules, which register them on the groups above.
-from taskomatic import cli_inventory, cli_serve  # noqa: E402, F401
+from taskomatic import cli_flows, cli_inventory, cli_serve  # noqa: E402, F401

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from taskomatic import defaults
-from taskomatic.model import TERMINAL, State, Task
+from taskomatic.model import TERMINAL, Group, State, Task
 from taskomatic.store.base import Store
 
 
@@ -54,18 +54,79 @@ def why(store: Store, conn: sa.Connection, task: Task, now: datetime) -> Why:
     if task.state in TERMINAL:
         detail = (task.error or {}).get("message") if task.error else None
         return Why(task, f"{task.state.value}" + (f": {detail}" if detail else ""))
+    stop = _stop(task)
     if task.state is State.RUNNING:
         return Why(
             task,
             f"running on dispatcher {task.owner} since {_t(task.started_at)} "
-            f"(attempt {task.attempt} of {task.max_attempts})",
+            f"(attempt {task.attempt} of {task.max_attempts}){stop}",
         )
     if task.state is State.WAITING:
-        return Why(task, f"waiting for a host job, tracked by dispatcher {task.owner}")
+        job = task.job or {}
+        progress = job.get("progress")
+        return Why(
+            task,
+            f"waiting for a {job.get('kind', 'host')} job on host {job.get('host', '?')}, "
+            f"tracked by dispatcher {task.owner}"
+            + (f"; progress {progress}" if progress else "")
+            + stop,
+        )
     blockers = _new_task_blockers(store, conn, task, now)
     if blockers:
         return Why(task, "; ".join(b.message for b in blockers), tuple(blockers))
     return Why(task, *_capacity(store, conn, now))
+
+
+def _stop(task: Task) -> str:
+    if not task.stop_request:
+        return ""
+    request = task.stop_request
+    return (
+        f"; {request.get('reason', 'stop')} requested at {request.get('at', '?')}"
+        f" ({request.get('message', '')}): it ends once its work has stopped"
+    )
+
+
+@dataclass(frozen=True)
+class GroupWhy:
+    """The answer to "where is this command?": its state, what sank it, what it waits on."""
+
+    group: Group
+    summary: str
+    tasks: tuple[Why, ...]  # the live tasks, each explained
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": str(self.group.id),
+            "state": self.group.state,
+            "summary": self.summary,
+            "tasks": [w.to_dict() for w in self.tasks],
+        }
+
+
+def why_group(
+    store: Store, conn: sa.Connection, group: Group, tasks: list[Task], now: datetime
+) -> GroupWhy:
+    """Explain a group: the failure that stopped it (if any) and why each live task is
+    where it is."""
+    failed = [t for t in tasks if t.state is State.FAILED and t.compensates is None]
+    undo = [t for t in tasks if t.compensates is not None]
+    parts = [f"{group.state}"]
+    if failed:
+        first = failed[0]
+        parts.append(
+            f"task {first.id} ({first.action}) failed: {(first.error or {}).get('message')}"
+        )
+    if undo:
+        done = sum(t.state is State.COMPLETE for t in undo)
+        parts.append(f"{done} of {len(undo)} compensation task(s) done")
+        for t in undo:
+            if t.state is State.FAILED:
+                parts.append(
+                    f"compensation {t.id} ({t.action}) failed: {(t.error or {}).get('message')}"
+                )
+    live = tuple(why(store, conn, t, now) for t in tasks if not t.state.terminal)
+    return GroupWhy(group, "; ".join(parts), live)
 
 
 def _new_task_blockers(

@@ -311,6 +311,15 @@ class Queue:
         task = self.get(task_id)
         return self._read(lambda conn: explain.why(self.store, conn, task, self.now()))
 
+    def why_group(self, group_id: uuid.UUID | str) -> explain.GroupWhy:
+        """Where a group is: its derived state, what sank it, why each live task waits."""
+        group = self.group(group_id)
+        return self._read(
+            lambda conn: explain.why_group(
+                self.store, conn, group, self.store.group_tasks(conn, group.id), self.now()
+            )
+        )
+
     def wait(
         self,
         task_ids: uuid.UUID | str | Sequence[uuid.UUID | str],
@@ -327,26 +336,64 @@ class Queue:
             if isinstance(task_ids, str | uuid.UUID)
             else [_uuid(t) for t in task_ids]
         )
+
+        def look() -> tuple[builtins.list[Task], bool]:
+            tasks = self._read(lambda conn: self.store.get_many(conn, ids))
+            if len(tasks) != len(ids):
+                missing = next(i for i in ids if i not in {t.id for t in tasks})
+                raise errors.TaskNotFound(missing)
+            return tasks, all(t.state in TERMINAL for t in tasks)
+
+        def late(tasks: builtins.list[Task]) -> str:
+            busy = sum(t.state not in TERMINAL for t in tasks)
+            return f"{busy} of {len(ids)} tasks not finished after {timeout}s"
+
+        return self._wait_for(look, late, timeout, on_change)
+
+    def wait_group(
+        self,
+        group_id: uuid.UUID | str,
+        timeout: float | None = None,
+        on_change: Callable[[builtins.list[Task]], None] | None = None,
+    ) -> tuple[Group, builtins.list[Task]]:
+        """Block until the group has ended (complete, failed, cancelled, compensated) —
+        including the tasks it adds to itself as it runs and its compensation."""
+        gid = self.group(group_id).id
+
+        def look() -> tuple[builtins.list[Task], bool]:
+            tasks = self._read(lambda conn: self.store.group_tasks(conn, gid))
+            return tasks, all(t.state in TERMINAL for t in tasks)
+
+        def late(tasks: builtins.list[Task]) -> str:
+            busy = sum(t.state not in TERMINAL for t in tasks)
+            return f"group {gid}: {busy} of {len(tasks)} tasks not finished after {timeout}s"
+
+        tasks = self._wait_for(look, late, timeout, on_change)
+        return self.group(gid), tasks
+
+    def _wait_for(
+        self,
+        look: Callable[[], tuple[builtins.list[Task], bool]],
+        late: Callable[[builtins.list[Task]], str],
+        timeout: float | None,
+        on_change: Callable[[builtins.list[Task]], None] | None,
+    ) -> builtins.list[Task]:
+        """Look until `look` says done, woken by changes; WaitTimeout(`late(...)`) after
+        `timeout` seconds."""
         self._watcher.ensure_started()
         deadline = None if timeout is None else time.monotonic() + timeout
         last: builtins.list[Task] | None = None
         while True:
             seen = self.signal.generation
-            tasks = self._read(lambda conn: self.store.get_many(conn, ids))
-            if len(tasks) != len(ids):
-                missing = next(i for i in ids if i not in {t.id for t in tasks})
-                raise errors.TaskNotFound(missing)
+            tasks, done = look()
             if on_change and tasks != last:
                 on_change(tasks)
             last = tasks
-            if all(t.state in TERMINAL for t in tasks):
+            if done:
                 return tasks
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                busy = sum(t.state not in TERMINAL for t in tasks)
-                raise errors.WaitTimeout(
-                    f"{busy} of {len(ids)} tasks not finished after {timeout}s"
-                )
+                raise errors.WaitTimeout(late(tasks))
             self.signal.wait(
                 seen,
                 min(left, defaults.SAFETY_POLL_SECONDS) if left else defaults.SAFETY_POLL_SECONDS,

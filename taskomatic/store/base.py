@@ -691,9 +691,10 @@ class Store(InventoryStatements, ObserveStatements):
         return conn.execute(query).scalar() or "stop"
 
     def group_tasks(self, conn: sa.Connection, group_id: uuid.UUID) -> list[Task]:
-        """Every task of a group, in submission order."""
-        rows = conn.execute(sa.select(t).where(t.c.group_id == group_id).order_by(t.c.seq))
-        return [Task.from_row(r) for r in rows]
+        """Every task of a group (with its prerequisites), in submission order."""
+        rows = list(conn.execute(sa.select(t).where(t.c.group_id == group_id).order_by(t.c.seq)))
+        prereqs = self._prerequisites_of(conn, [r.id for r in rows])
+        return [Task.from_row(r, prereqs.get(r.id, ())) for r in rows]
 
     def stop_requests(
         self, conn: sa.Connection, owner: uuid.UUID, ids: Sequence[uuid.UUID]

@@ -67,6 +67,17 @@ def capture(store: Store, limit: int) -> tuple[list[Captured], list[str]]:
     sa.event.listen(store.engine, "before_cursor_execute", listen)
     try:
         with store.engine.connect() as conn:
+            # The PostgreSQL store sends its hot statements straight through psycopg.
+            raw = conn.connection.driver_connection
+            if store.engine.dialect.name == "postgresql":
+                send = raw.execute
+
+                def execute(query: Any, params: Any = None, **kwargs: Any) -> Any:
+                    if current[0]:
+                        captured.append(Captured(current[0], str(query), params))
+                    return send(query, params, **kwargs)
+
+                raw.execute = execute
             tx = conn.begin()
             now, ids = datetime.now(UTC), []
             for name, make in HOT_CALLS:
@@ -77,6 +88,8 @@ def capture(store: Store, limit: int) -> tuple[list[Captured], list[str]]:
                     failed.append(f"{name}: {type(exc).__name__}: {exc}")
                 current[0] = None
             tx.rollback()
+            if store.engine.dialect.name == "postgresql":
+                del raw.execute
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", listen)
     return captured, failed
@@ -140,17 +153,43 @@ def _sqlite(conn: sa.Connection, c: Captured, runs: int = 20) -> dict[str, Any]:
 
 
 def _pg_generic_claim(conn: sa.Connection, limit: int) -> dict[str, Any]:
-    """The claim as a prepared statement forced to its generic plan."""
-    query = (
-        Store.runnable_query(datetime.now(UTC))
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=schema.tasks)
-    )
-    compiled = query.compile(dialect=postgresql.dialect(paramstyle="numeric_dollar"))
-    args = ", ".join(_pg_literal(compiled.params[k]) for k in compiled.positiontup or ())
+    """The claim as a prepared statement forced to its generic plan: the store's own
+    one-statement claim (taskomatic.store.postgres), or the SQLAlchemy one before it."""
+    try:
+        from taskomatic.store.postgres import _claim_sql
+    except ImportError:
+        _claim_sql = None
+    if _claim_sql is not None:
+        sql, constants = _claim_sql(limit)
+        now = datetime.now(UTC)
+        values = {
+            **constants,
+            "now": now,
+            "owner": str(uuid.uuid4()),
+            "lease_until": now + timedelta(seconds=30),
+            "actor": "bench",
+        }
+        order: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in order:
+                order.append(match.group(1))
+            return f"${order.index(match.group(1)) + 1}"
+
+        statement = re.sub(r"%\((\w+)\)s", number, sql)
+        args = ", ".join(_pg_literal(values[k]) for k in order)
+    else:
+        query = (
+            Store.runnable_query(datetime.now(UTC))
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=schema.tasks)
+        )
+        compiled = query.compile(dialect=postgresql.dialect(paramstyle="numeric_dollar"))
+        statement = str(compiled)
+        args = ", ".join(_pg_literal(compiled.params[k]) for k in compiled.positiontup or ())
     tx = conn.begin()
     try:
-        conn.exec_driver_sql(f"PREPARE bench_claim AS {compiled}")
+        conn.exec_driver_sql(f"PREPARE bench_claim AS {statement}")
         conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
         sql = f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim({args})"
         plan = "\n".join(str(r[0]) for r in conn.exec_driver_sql(sql).all())

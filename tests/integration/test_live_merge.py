@@ -160,6 +160,15 @@ def test_a_block_commit_is_started_once_adopted_after_a_crash_and_aborted_withou
     assert backing_chain(overlays["vda"]) == [str(overlays["vda"]), str(bases[0])]
     assert holds_pattern(overlays["vda"], 0xAB, 0, 32 * MIB, alone=True)
     assert merge.check_commit(ctx).status == Check.NOT_STARTED
+    # An overlay the disk still uses is never deleted, whatever the task is told.
+    where = {"vm": "hooks", "host": QEMU_HOST, "disk": "vda", "path": str(overlays["vda"])}
+    deleting = context(lab, queue, "snapshot.delete_volume", where)
+    with pytest.raises(ActionFailed) as refused:
+        merge.delete_volume(deleting)
+    assert refused.value.message == (
+        f"disk 'vda' of vm 'hooks' still uses {overlays['vda']}; it is not deleted"
+    )
+    assert overlays["vda"].exists()
 
 
 def test_removing_a_snapshot_of_a_running_vm_merges_both_disks_live(
@@ -207,9 +216,10 @@ def test_cancelling_a_commit_aborts_it_on_the_host_and_leaves_the_disk_on_its_ov
 
     group, _ = remove_snapshot(queue, "stay", "s", bandwidth=1)
     with running_dispatcher(lab, queue):
-        commit = wait_for(queue, group.id, "vda", lambda t: bool(t.job and t.job.get("progress")))
-        assert commit.state == State.WAITING
-        assert dom.blockJobInfo("vda", 0)["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+        commit = wait_for(queue, group.id, "vda", lambda t: t.state == State.WAITING)
+        info = dom.blockJobInfo("vda", 0)  # mid-commit on the host
+        assert info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+        assert info["cur"] < info["end"]
         queue.cancel(commit.id, "the operator changed their mind")
         while queue.group(group.id).state == "running":
             time.sleep(0.1)

@@ -133,6 +133,16 @@ class Host:
     def log(self) -> Path:
         return self.base / "log" / "libvirtd.log"
 
+    def qemu_pids(self) -> list[int]:
+        """The QEMU processes this host's daemon started that are still alive."""
+        pids = []
+        for pidfile in (self.base / "run" / "qemu").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().strip())
+                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(pid)
+        return pids
+
     def qemu_log(self, vm: str) -> Path:
         return self.base / "log" / "qemu" / f"{vm}.log"
 
@@ -224,15 +234,15 @@ class TwoHosts:
                 conn.storagePoolLookupByName(IMAGES_POOL).refresh(0)
 
     def stop(self) -> None:
-        """Stop everything that was started: VMs, connections, daemons (by pid), the veth."""
-        with contextlib.suppress(Exception):
-            for name in self.hosts:
-                if self.hosts[name].process is not None and self.hosts[name].socket.exists():
-                    for dom in self.conn(name).listAllDomains(
-                        libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
-                    ):
-                        with contextlib.suppress(libvirt.libvirtError):
-                            dom.destroy()
+        """Stop everything that was started, by pid: VMs (destroyed through their daemon,
+        and any QEMU still alive afterwards killed), connections, daemons, the veth pair."""
+        for name, host in self.hosts.items():
+            if host.process is None or host.process.poll() is not None:
+                continue
+            with contextlib.suppress(libvirt.libvirtError):
+                for dom in self.conn(name).listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
         for conn in self._conns.values():
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
@@ -248,6 +258,11 @@ class TwoHosts:
             except subprocess.TimeoutExpired:
                 host.process.kill()
                 host.process.wait()
+        # libvirtd leaves running QEMU processes behind when it exits (by design).
+        for host in self.hosts.values():
+            for pid in host.qemu_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         # A veth pair dies with its namespaces; this only matters if they never got it.
         for veth in self.veth:
             if veth:

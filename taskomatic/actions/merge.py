@@ -541,9 +541,16 @@ def delete_volume(ctx: Context) -> dict[str, Any]:
     result = {"vm": p["vm"], "host": found.host.name, "disk": p["disk"], "path": path}
     with ctx.hosts.call(found.host, f"deleting {path}"):
         for disk in _disks(found.domain):
-            if path in read_chain(found, disk):
+            chain = read_chain(found, disk)
+            if path in chain:
                 raise errors.ActionFailed(
                     f"disk {disk!r} of vm {p['vm']!r} still uses {path}; it is not deleted"
+                )
+            if not chain.complete:
+                raise errors.ActionFailed(
+                    f"vm {p['vm']!r} is stopped on remote host {found.host.name!r}, so the "
+                    f"chain of its disk {disk!r} cannot be read to confirm nothing uses {path}; "
+                    "start the VM and retry this task"
                 )
         volume, pooled = _pool_volume(found, path)
         if volume is not None:

@@ -109,24 +109,32 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def write_pattern(image: Path, pattern: int, offset: int, length: int) -> None:
-    """Write `length` bytes of `pattern` at `offset` into a qcow2 image no VM holds (qemu-io)."""
+def write_pattern(
+    image: Path, pattern: int, offset: int, length: int, *, alone: bool = False
+) -> None:
+    """Write `length` bytes of `pattern` at `offset` into a qcow2 image no VM holds (qemu-io);
+    with `alone`, without opening its backing image (whole clusters need no copy from it)."""
     subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -q -P {pattern:#x} {offset} {length}", str(image)],
+        ["qemu-io", "-c", f"write -q -P {pattern:#x} {offset} {length}", _image_opts(image, alone)],
         check=True,
         capture_output=True,
     )
 
 
-def holds_pattern(image: Path, pattern: int, offset: int, length: int, *, alone: bool) -> bool:
-    """Whether the image reads `pattern` over that range, read-only even while a VM holds it;
-    with `alone`, from this image's own clusters (its backing image ignored)."""
+def _image_opts(image: Path, alone: bool) -> str:
+    """A qcow2 image as qemu-io's json: filename, its backing image left out with `alone`."""
     opts: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}
     if alone:
         opts["backing"] = None
+    return f"json:{json.dumps(opts)}"
+
+
+def holds_pattern(image: Path, pattern: int, offset: int, length: int, *, alone: bool) -> bool:
+    """Whether the image reads `pattern` over that range, read-only even while a VM holds it;
+    with `alone`, from this image's own clusters (its backing image ignored)."""
     command = f"read -P {pattern:#x} {offset} {length}"
     done = subprocess.run(
-        ["qemu-io", "-r", "-U", "-c", command, f"json:{json.dumps(opts)}"],
+        ["qemu-io", "-r", "-U", "-c", command, _image_opts(image, alone)],
         capture_output=True,
         text=True,
     )

@@ -10,6 +10,7 @@ disk's backing chain, the bytes in the base images, the overlay files, the snaps
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -23,13 +24,17 @@ from taskomatic import Dispatcher, Queue, State, Task
 from taskomatic.actions import merge
 from taskomatic.actions.registry import Check, Context, registry
 from taskomatic.errors import ActionFailed, ValidationError
+from taskomatic.failpoints import ENV
 from taskomatic.flows.merge import remove_snapshot
 from taskomatic.jobs import HostJob
+from taskomatic.virt.connections import start_event_loop
 from taskomatic.virt.fleet import Fleet
 
-pytest.register_assert_rewrite("qemu")
+pytest.register_assert_rewrite("qemu", "twohosts")
 pytest_plugins = ["qemu"]
 
+from helpers import open_queue, wait_until  # noqa: E402
+from procs import Proc, Processes  # noqa: E402
 from qemu import (  # noqa: E402
     QEMU_HOST,
     QemuLab,
@@ -39,6 +44,7 @@ from qemu import (  # noqa: E402
     make_disk,
     write_pattern,
 )
+from twohosts import IMAGES, TwoHosts, start_two_hosts  # noqa: E402
 
 MIB = 1024 * 1024
 DISK_SIZE = "160M"
@@ -410,3 +416,83 @@ def test_remove_snapshot_is_idempotent_per_group_id_and_checks_its_bandwidth(
         with pytest.raises(ValidationError) as refused:
             remove_snapshot(qemu_queue, "web", "s", bandwidth=bad)  # type: ignore[arg-type]
         assert refused.value.field == "bandwidth"
+
+
+# --- kill -9 of a dispatcher process mid-removal ----------------------------------------------
+# The VM runs under a private libvirtd (tests/twohosts.py, host a), which owns its QEMU process
+# and its block jobs: a dispatcher process killed by SIGKILL leaves the commit running there,
+# as on a real host, and the next dispatcher process must carry the removal to its end.
+
+
+@pytest.fixture(scope="module")
+def daemon_host() -> Iterator[TwoHosts]:
+    """Private libvirtds (host a is used), started once for the kill tests of this module."""
+    start_event_loop()
+    hosts = start_two_hosts()
+    try:
+        yield hosts
+    finally:
+        hosts.stop()
+        subprocess.run(["rm", "-rf", str(hosts.base)], check=False)
+
+
+def dispatcher_process(where: Path, url: str, crash_at: str | None) -> Proc:
+    """`taskomatic dispatcher` as a process, dying by SIGKILL at `crash_at` if given."""
+    procs = Processes(where, {ENV: crash_at} if crash_at else {})
+    return procs.start(
+        "--database-url", url, "dispatcher", "--workers", "2", "--lease", "2",
+        "--recovery", "0.5", "--poll", "0.5", "--no-inventory",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("point", ["dispatcher:before-waiting", "waiting"])
+def test_a_dispatcher_killed_mid_commit_is_followed_by_one_that_finishes_the_same_job(
+    daemon_host: TwoHosts, sqlite_url: str, tmp_path: Path, point: str
+) -> None:
+    """Killed after starting the block commit but before recording the task waiting, or
+    while it waits: the next dispatcher process follows the job the host still runs (a
+    second commit is never started) and the removal completes."""
+    lab, vm = daemon_host, "killed"
+    lab.clean()
+    lab.make_vm("a", vm, size_mib=64, start=False)
+    dom = lab.conn("a").lookupByName(vm)
+    dom.snapshotCreateXML(
+        "<domainsnapshot><name>s</name></domainsnapshot>",
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+    )
+    base, overlay = lab.disk_path(vm), f"{IMAGES}/{vm}.s"
+    write_pattern(lab.a.images / f"{vm}.s", 0x4B, 0, 6 * MIB, alone=True)
+    dom.create()
+    with open_queue(sqlite_url) as queue:
+        queue.hosts.add("a", lab.a.uri)
+        group, _ = remove_snapshot(queue, vm, "s", bandwidth=1)  # about 6 s of commit
+        first = dispatcher_process(tmp_path, sqlite_url, None if point == "waiting" else point)
+        second = None
+        try:
+            commit = wait_for(queue, group.id, "vda", lambda t: t.state != State.NEW)
+            if point == "waiting":
+                wait_for(queue, group.id, "vda", lambda t: t.state == State.WAITING)
+                first.kill()
+            assert first.wait() == -9, first.describe()
+            info = dom.blockJobInfo("vda", 0)  # the job outlived its dispatcher
+            assert info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+            second = dispatcher_process(tmp_path, sqlite_url, None)
+            wait_until(lambda: queue.group(group.id).state != "running", 60, "the removal")
+        finally:
+            first.kill()
+            if second is not None:
+                second.kill()
+        tasks = queue.list(group=group.id).tasks
+        assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+        commit = queue.get(commit.id)
+        messages = [e.message for e in queue.events(commit.id)]
+        assert any(m.startswith("taken over") for m in messages), messages
+        assert sum(m.startswith("waiting on a block-commit job") for m in messages) == 1, messages
+        assert (commit.attempt, commit.result["merged"]) == (1, "live")
+        (deleted,) = [t for t in tasks if t.action == "snapshot.delete_volume"]
+        assert (deleted.result["deleted"], deleted.result["how"]) == (True, "pool")
+    assert live_chain(dom, "vda") == [base]
+    assert not (lab.a.images / f"{vm}.s").exists() and overlay not in str(dom.XMLDesc(0))
+    assert holds_pattern(lab.a.images / f"{vm}.qcow2", 0x4B, 0, 6 * MIB, alone=True)
+    assert dom.listAllSnapshots(0) == []
+    lab.clean()

@@ -210,6 +210,54 @@ def test_removing_a_snapshot_of_a_running_vm_merges_both_disks_live(
     assert {t.result["merged"] for t in commits} == {"live"}
 
 
+def test_a_throttled_commit_is_seen_waiting_while_it_moves_and_disks_merge_in_parallel(
+    qemu_lab: QemuLab, qemu_queue: Queue, tmp_path: Path
+) -> None:
+    lab, queue = qemu_lab, qemu_queue
+    bases = define_two_disk_vm(lab, queue, "slow", tmp_path)
+    overlays = snapshot(lab, queue, "slow", "s")
+    write_pattern(overlays["vda"], 0xA1, 0, 64 * MIB)  # at 16 MiB/s: about 4 s each
+    write_pattern(overlays["vdb"], 0xB2, 0, 64 * MIB)
+    lab.ok(queue, "vm.start", {"name": "slow"})
+    dom = lab.conn.lookupByName("slow")
+
+    group, _ = remove_snapshot(queue, "slow", "s", bandwidth=16)
+    # Each sample: per disk, the task's state, the progress it records, and the host's job.
+    samples: list[dict[str, tuple[State, Any, Any]]] = []
+    with running_dispatcher(lab, queue):
+        while queue.group(group.id).state == "running":
+            commits = queue.list(group=group.id, action="disk.commit").tasks
+            samples.append(
+                {
+                    t.params["disk"]: (
+                        t.state,
+                        (t.job or {}).get("progress"),
+                        dom.blockJobInfo(t.params["disk"], 0),
+                    )
+                    for t in commits
+                }
+            )
+            time.sleep(0.1)
+
+    tasks = queue.list(group=group.id).tasks
+    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    for target in ("vda", "vdb"):
+        waiting = [s[target] for s in samples if target in s and s[target][0] == State.WAITING]
+        assert len(waiting) >= 3, f"{target} was seen waiting {len(waiting)} time(s)"
+        on_host = [job["cur"] for _, _, job in waiting if job]
+        assert len(set(on_host)) >= 2, f"{target}: the commit never moved while waiting"
+        assert all(job["bandwidth"] == 16 for _, _, job in waiting if job)  # MiB/s, as asked
+        recorded = [p["cur"] for _, p, _ in waiting if p]
+        assert recorded == sorted(recorded) and all(p <= 64 * MIB for p in recorded)
+    both = [s for s in samples if all(s.get(t, (None,))[0] == State.WAITING for t in s)]
+    assert any(len(s) == 2 for s in both), "the two disks' commits never waited at the same time"
+    for target, base, pattern in (("vda", bases[0], 0xA1), ("vdb", bases[1], 0xB2)):
+        assert live_chain(dom, target) == [str(base)]
+        assert holds_pattern(base, pattern, 0, 64 * MIB, alone=True)
+        assert not overlays[target].exists()
+    assert dom.listAllSnapshots(0) == []
+
+
 def test_cancelling_a_commit_aborts_it_on_the_host_and_leaves_the_disk_on_its_overlay(
     qemu_lab: QemuLab, qemu_queue: Queue, tmp_path: Path
 ) -> None:

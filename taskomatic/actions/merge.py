@@ -18,10 +18,10 @@ adopted rather than started twice, a file already gone is deleted already.
 
 Locks: the plan and the metadata step hold `vm:<vm>`; each disk's commit, check and deletion
 hold `disk:<vm>:<target>`, so the commits of different disks run in parallel. While they run,
-other tasks on the VM may be claimed; libvirt itself refuses a migration or a new snapshot of
-a VM with an active block job, and a VM stopped mid-commit ends the job, which its `finish`
-reports as a failure saying the disk still uses the overlay (removing the snapshot again then
-merges it offline).
+other tasks on the VM may be claimed. libvirt itself refuses to migrate a VM that has snapshot
+metadata (kept until the last step) and to snapshot a disk in a block job; a VM stopped
+mid-commit ends the job, which its `finish` reports as a failure saying the disk still uses
+the overlay (removing the snapshot again then merges it offline).
 """
 
 from __future__ import annotations

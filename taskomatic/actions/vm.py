@@ -9,6 +9,8 @@ error the state is read again instead of trusting the code.
 
 from __future__ import annotations
 
+import logging
+import posixpath
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +25,8 @@ from taskomatic.actions.registry import Check, Context, Param, Registry
 from taskomatic.model import Host
 from taskomatic.virt.connections import code_name, host_error, is_error
 from taskomatic.virt.fleet import Fleet, Found
+
+log = logging.getLogger(__name__)
 
 MIGRATION_NS = "https://taskomatic.dev/xmlns/migration/1"
 """Namespace of the stamp a migration leaves in the domain's metadata: which task moved it
@@ -448,8 +452,10 @@ def _live_migrate(
         | libvirt.VIR_MIGRATE_PERSIST_DEST
         | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
     )
+    created: list[tuple[str, str]] = []
     if copy_storage:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        created = _disks_to_create(fleet, source, target)
     params: dict[str, Any] = {}
     if bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
@@ -457,6 +463,7 @@ def _live_migrate(
         # The whole migration runs on the source host's libvirtd, inside this call.
         source.domain.migrateToURI3(target.uri, params, flags)
     except libvirt.libvirtError as exc:
+        _remove_copies(fleet, target, name, created)
         if is_error(exc, libvirt.VIR_ERR_OPERATION_ABORTED):
             raise errors.ActionFailed(
                 f"the live migration of vm {name!r} from host {source.host.name!r} to host "
@@ -468,6 +475,61 @@ def _live_migrate(
         raise host_error(
             exc, source.host.name, f"live-migrating vm {name!r} to host {target.name!r}"
         ) from None
+
+
+def _disks_to_create(fleet: Fleet, source: Found, target: Host) -> list[tuple[str, str]]:
+    """(pool, volume) of each of the VM's file disks that libvirt will create on the target
+    to copy it into: those in an active storage pool's directory there with no such file."""
+    with fleet.call(source.host, f"reading vm {source.domain.name()!r}"):
+        root = ET.fromstring(source.domain.XMLDesc(0))
+    paths = [
+        str(src.get("file"))
+        for disk in root.iterfind("devices/disk[@device='disk']")
+        if (src := disk.find("source")) is not None and src.get("file")
+    ]
+    found: list[tuple[str, str]] = []
+    if not paths:
+        return found
+    with fleet.call(target, "reading the storage pools the migrated disks go to") as conn:
+        pools = {}
+        for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+            directory = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+            if directory:
+                pools[directory.rstrip("/")] = pool
+        for path in paths:
+            pool = pools.get(posixpath.dirname(path))
+            if pool is None:
+                continue
+            pool.refresh(0)  # a file made outside libvirt must not count as missing
+            try:
+                pool.storageVolLookupByName(posixpath.basename(path))
+            except libvirt.libvirtError as exc:
+                if not is_error(exc, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise
+                found.append((pool.name(), posixpath.basename(path)))
+    return found
+
+
+def _remove_copies(fleet: Fleet, target: Host, name: str, created: list[tuple[str, str]]) -> None:
+    """After a failed live migration, delete the disk copies it created on the target (a
+    VM that arrived there after all keeps them); what cannot be deleted is only logged."""
+    if not created:
+        return
+    try:
+        if fleet.find_copies(name, target.name):
+            return
+    except errors.HostError as exc:
+        log.warning("the failed migration of vm %s may have left disk copies: %s", name, exc)
+        return
+    for pool_name, volume in created:
+        try:
+            with fleet.call(target, f"deleting the copy of {volume!r}") as conn:
+                pool = conn.storagePoolLookupByName(pool_name)
+                pool.refresh(0)
+                pool.storageVolLookupByName(volume).delete(0)
+        except errors.HostError as exc:
+            if exc.libvirt_code != "VIR_ERR_NO_STORAGE_VOL":
+                log.warning("the failed migration of vm %s left a disk copy: %s", name, exc)
 
 
 def _message(exc: libvirt.libvirtError) -> str:

@@ -227,7 +227,7 @@ def test_an_aborted_migration_leaves_the_vm_running_on_its_source_and_fails_the_
 ) -> None:
     """`abortJob()` on the source while a slow migration copies the disk: the task fails at
     once (no retry) saying the migration was aborted and where the VM runs; it runs there
-    still, the same QEMU process, and the target has no domain left."""
+    still, the same QEMU process, and the target has neither a domain nor a disk left."""
     lab.make_vm("a", "slow", size_mib=SLOW_DISK_MIB, data_mib=8)
     source = _dom(lab, "a", "slow")
     domain_id = source.ID()
@@ -253,6 +253,9 @@ def test_an_aborted_migration_leaves_the_vm_running_on_its_source_and_fails_the_
     assert source.state()[0] == libvirt.VIR_DOMAIN_RUNNING and source.ID() == domain_id
     assert source.isPersistent()
     assert _names(lab, "b") == set()
+    # libvirt created the disk's copy on b for the migration, and left it; the task removed it.
+    assert not lab.image("b", "slow").exists()
+    assert lab.image("a", "slow").exists()
 
 
 # --- a dispatcher killed mid-migration --------------------------------------------------------

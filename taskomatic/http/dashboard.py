@@ -6,6 +6,7 @@ Pages are HTML rendered by `pages`; the live view is one server-sent event strea
 
 from __future__ import annotations
 
+import logging
 import threading
 from importlib import resources
 
@@ -17,6 +18,8 @@ from taskomatic.metrics import host_of
 from taskomatic.model import State
 from taskomatic.queue import Queue
 from taskomatic.tokens import Role
+
+log = logging.getLogger(__name__)
 
 VIEW, OPER = Role.VIEWER, Role.OPERATOR
 
@@ -72,7 +75,9 @@ class Dashboard:
         try:
             session = self.sessions.sign_in(presented)
         except errors.Unauthorized as exc:
+            log.info("dashboard sign-in refused: %s", exc.message)
             return Response(401, pages.login(exc.message), HTML)
+        log.info("dashboard sign-in: token %s (%s)", session.token.name, session.token.role.value)
         return redirect("/ui/", cookie(session.id, secure=self.secure))
 
     def logout(self, req: Request) -> Response:

@@ -208,17 +208,17 @@ _W, _H, _GAP_X, _GAP_Y = 150, 36, 40, 14
 def dag_svg(members: Sequence[Task]) -> str:
     """The group's tasks in layers (a task one right of its last prerequisite), as SVG."""
     inside = {t.id: t for t in members}
+    before = {t.id: [p for p in t.prerequisites if p in inside] for t in members}
     layer: dict[Any, int] = {}
-
-    def depth(tid: Any, seen: frozenset[Any] = frozenset()) -> int:
-        if tid not in layer:
-            pre = [p for p in inside[tid].prerequisites if p in inside and p not in seen]
-            layer[tid] = 1 + max((depth(p, seen | {tid}) for p in pre), default=-1)
-        return layer[tid]
-
+    remaining = set(inside)
+    while remaining:  # layer by layer, so a long chain needs no deep recursion
+        ready = [tid for tid in remaining if all(p in layer for p in before[tid])]
+        for tid in ready or remaining:  # (a cycle cannot be submitted; draw it anyway)
+            layer[tid] = 1 + max((layer.get(p, -1) for p in before[tid]), default=-1)
+        remaining -= set(ready or remaining)
     columns: dict[int, list[Task]] = {}
     for t in sorted(members, key=lambda t: t.created_at):
-        columns.setdefault(depth(t.id), []).append(t)
+        columns.setdefault(layer[t.id], []).append(t)
     where = {}
     for x, col in columns.items():
         for y, t in enumerate(col):

@@ -25,13 +25,13 @@ from taskomatic.queue import Queue
 from taskomatic.tokens import Tokens
 
 TASKS = 100_000
-GROUP_SIZE = 600  # more than a group page draws (live.GROUP_TASKS)
+GROUP_SIZE = 600  # more than a group page draws (live.GROUP_TASKS), in one long chain
 STATES = ["complete"] * 90 + ["failed"] * 5 + ["new"] * 3 + ["running"] * 1 + ["cancelled"] * 1
 
 
 def _seed(queue: Queue) -> uuid.UUID:
     """TASKS task rows written by the store's bulk insert, cloned from one submitted task;
-    the last GROUP_SIZE of them form one group. Returns that group's id."""
+    the last GROUP_SIZE of them form one group, each after the one before. Returns its id."""
     template = queue.submit("noop")
     with queue.store.read() as conn:
         found = conn.execute(sa.select(s.tasks).where(s.tasks.c.id == template.id)).one()
@@ -39,10 +39,11 @@ def _seed(queue: Queue) -> uuid.UUID:
     del row["seq"]
     group = uuid.uuid4()
     now = queue.now()
+    previous = template.id
     with queue.store.write() as conn:
         queue.store.insert_group(conn, group, "big", "test", now)
         for start in range(0, TASKS, 10_000):
-            rows, events = [], []
+            rows, events, edges = [], [], []
             for i in range(start, min(start + 10_000, TASKS)):
                 tid = uuid.uuid4()
                 state = STATES[i % len(STATES)]
@@ -58,7 +59,10 @@ def _seed(queue: Queue) -> uuid.UUID:
                     }
                 )
                 events.append((tid, None, State.NEW, "submitted"))
-            queue.store.insert_tasks(conn, rows, [], [])
+                if i > TASKS - GROUP_SIZE:
+                    edges.append((tid, rows[-2]["id"] if len(rows) > 1 else previous))
+                previous = tid
+            queue.store.insert_tasks(conn, rows, edges, [])
             queue.store.insert_events(conn, events, "test", now)
     return group
 
@@ -122,6 +126,7 @@ def test_pages_answer_with_bounded_rows_over_100k_tasks(
     drawn = _get(opener, f"{base}/ui/groups/{group}")
     assert drawn.count('<g class="node') == live_view.GROUP_TASKS
     assert f"Showing the first {live_view.GROUP_TASKS} tasks" in drawn
+    assert drawn.count("<line ") == live_view.GROUP_TASKS - 1  # the chain among those drawn
 
     # The live overview's first snapshot: counts of everything, bounded lists.
     with opener.open(base + "/ui/live", timeout=60) as stream:

@@ -20,6 +20,9 @@ from taskomatic.tokens import Role, Tokens
 
 VIEW, OPER, ADMIN = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 
+MAX_CAPACITY = 2**31 - 1
+"""The largest host capacity (the column is a 32-bit integer)."""
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/health", None, "health", "Liveness: the process answers (no token)."),
     Route(
@@ -213,7 +216,7 @@ class Api:
             action=req.arg("action"),
             group=_group_id(group, "group") if group is not None else None,
             limit=req.int_arg("limit", defaults.LIST_LIMIT) or 0,
-            cursor=req.int_arg("cursor"),
+            cursor=req.cursor_arg(),
         )
         return Response(
             200, {"tasks": [t.to_dict() for t in page.tasks], "next_cursor": page.next_cursor}
@@ -308,6 +311,12 @@ class Api:
         for key in ("name", "uri"):
             if not isinstance(body.get(key), str):
                 raise errors.ValidationError(f"a host needs a string {key!r}", field=key)
+        capacity = body.get("capacity")
+        if isinstance(capacity, int) and not 0 <= capacity <= MAX_CAPACITY:
+            # (hosts.add checks the rest; a number past the column's range must not reach it)
+            raise errors.ValidationError(
+                f"capacity is a number of VMs from 0 to {MAX_CAPACITY}", field="capacity"
+            )
         host = self.queue.hosts.add(body["name"], body["uri"], capacity=body.get("capacity"))
         return Response(200, host.to_dict())
 

@@ -96,7 +96,7 @@ class Dashboard:
             state=state,
             action=action,
             limit=min(req.int_arg("limit", defaults.LIST_LIMIT) or 1, defaults.MAX_LIST_LIMIT),
-            cursor=req.int_arg("cursor"),
+            cursor=req.cursor_arg(),
         )
         body = pages.tasks(req.session, page.tasks, page.next_cursor, state, action)
         return Response(200, body, HTML)

@@ -8,8 +8,8 @@ import re
 from typing import Any
 
 from taskomatic import defaults
-from taskomatic.http.api import ROUTES
-from taskomatic.http.router import JSON, Route
+from taskomatic.http.api import MAX_CAPACITY, ROUTES
+from taskomatic.http.router import JSON, MAX_CURSOR, Route
 from taskomatic.inventory import VM_STATES
 from taskomatic.model import HostState, State
 
@@ -74,7 +74,7 @@ SCHEMAS: dict[str, Any] = {
                 "pattern": "^[a-z]+(\\+[a-z]+)?://",
                 "description": "a libvirt URI",
             },
-            "capacity": {"type": ["integer", "null"], "minimum": 0},
+            "capacity": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_CAPACITY},
         },
     },
     "ClearSpec": {
@@ -186,7 +186,7 @@ def document() -> dict[str, Any]:
 _UUID = {"type": "string", "format": "uuid"}
 _QUERY: dict[str, Any] = {
     "limit": {"type": "integer", "minimum": 1, "maximum": defaults.MAX_LIST_LIMIT},
-    "cursor": {"type": "integer"},
+    "cursor": {"type": "integer", "minimum": 1, "maximum": MAX_CURSOR},
     "group": _UUID,
     "timeout": {"type": "number", "minimum": 0},
     "revoked": {"enum": ["true", "false"]},

@@ -63,6 +63,15 @@ class Request:
                 400, "invalid", f"query parameter {name!r} must be an integer", field=name
             ) from None
 
+    def cursor_arg(self) -> int | None:
+        """`cursor` of a paged list: a `next_cursor` a list returned (a positive 64-bit int)."""
+        cursor = self.int_arg("cursor")
+        if cursor is not None and not 0 < cursor <= MAX_CURSOR:
+            raise HttpError(
+                400, "invalid", "'cursor' must be a next_cursor a list returned", field="cursor"
+            )
+        return cursor
+
     def float_arg(self, name: str, default: float) -> float:
         value = self.arg(name)
         if value is None:
@@ -88,6 +97,9 @@ class Request:
         """Who to record in events and `created_by`: the token's name."""
         return f"token:{self.token.name}" if self.token else "http"
 
+
+MAX_CURSOR = 2**63 - 1
+"""The largest cursor (the databases' 64-bit integers)."""
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"

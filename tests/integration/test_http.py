@@ -299,6 +299,33 @@ BAD_INPUTS = [
     ("POST", "/v1/tokens", {"name": "x", "role": "god"}, None, {}, 400, "invalid"),
     ("POST", "/v1/tokens", {"name": "admin", "role": "viewer"}, None, {}, 409, "conflict"),
     ("POST", "/v1/tokens/none/revoke", None, None, {}, 404, "not_found"),
+    # Found by fuzzing: each was a 500 or was silently ignored.
+    ("GET", "/v1/tasks?cursor=99999999999999999999", None, None, {}, 400, "invalid"),
+    ("GET", "/v1/tasks?cursor=-1", None, None, {}, 400, "invalid"),
+    ("GET", "/v1/tasks?group=", None, None, {}, 400, "invalid"),
+    ("GET", "/v1/tasks?colour=red", None, None, {}, 400, "invalid"),
+    ("GET", "/v1/vms?host=kvm%001", None, None, {}, 400, "invalid"),
+    ("GET", "/v1/tokens?revoked=maybe", None, None, {}, 400, "invalid"),
+    (
+        "POST",
+        "/v1/tasks",
+        {"action": "noop", "params": {"x": "a\u0000b"}},
+        None,
+        {},
+        400,
+        "invalid",
+    ),
+    (
+        "POST",
+        "/v1/hosts",
+        {"name": "h", "uri": "test:///default", "capacity": 10**20},
+        None,
+        {},
+        400,
+        "invalid",
+    ),
+    ("OPTIONS", "/v1/tasks", None, None, {}, 405, "method_not_allowed"),
+    ("TRACE", "/v1/health", None, None, {}, 405, "method_not_allowed"),
 ]
 
 

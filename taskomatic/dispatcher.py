@@ -312,10 +312,10 @@ class Dispatcher:
         for tid, r in list(overdue.items()):
             if r.waiting or self._has_job(r.task.action):
                 del overdue[tid]
-                r.deadline = None
                 text = f"timed out after {r.task.timeout:g}s"
                 request = {"reason": "timeout", "message": text, "at": self.queue.now().isoformat()}
                 self.queue.request_stop(self.id, tid, request, f"{text}: stop requested")
+                r.deadline = None  # recorded: not again (a failed write is tried next cycle)
                 self._stop_task(tid, request)
         if not overdue:
             return

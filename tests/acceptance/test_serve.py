@@ -132,3 +132,14 @@ def test_serve_without_a_dispatcher_only_serves(sqlite_cli: Cli) -> None:
         assert (status, waited["timed_out"], waited["task"]["state"]) == (200, True, "new")
         result = server.stop()
     assert result.code == 0, str(result)
+
+
+def test_dispatcher_logs_json_lines_naming_the_task(sqlite_cli: Cli) -> None:
+    slow = sqlite_cli.submit("sleep", "--param", "seconds=5", "--timeout", "0.2")
+    result = sqlite_cli.run("dispatcher", "--until-empty", "--log-format", "json")
+    assert result.code == 0, str(result)
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines and {"time", "level", "logger", "message"} <= set(lines[0])
+    [timed_out] = [line for line in lines if "timed out" in line["message"]]
+    assert timed_out["task"] == slow and timed_out["level"] == "warning"
+    assert any("dispatcher" in line for line in lines)

@@ -21,7 +21,7 @@ from taskomatic.tokens import Role
 
 log = logging.getLogger(__name__)
 
-VIEW, OPER = Role.VIEWER, Role.OPERATOR
+VIEW, OPER, ADMIN = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 
 MAX_STREAMS = 32
 """Live streams served at once, apart from the request slots (HTTP_MAX_REQUESTS): a stream
@@ -40,6 +40,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/ui/tasks/{id}/retry", OPER, "retry", "Retry.", auth="session"),
     Route("GET", "/ui/groups/{id}", VIEW, "group", "A group.", auth="session", produces=HTML),
     Route("GET", "/ui/hosts", VIEW, "hosts", "Hosts.", auth="session", produces=HTML),
+    Route("POST", "/ui/hosts/{name}/maintenance", ADMIN, "maintenance", "Drain.", auth="session"),
+    Route("POST", "/ui/hosts/{name}/activate", ADMIN, "activate", "Use.", auth="session"),
     Route("GET", "/ui/static/{name}", None, "static", "Script and style.", auth="public"),
 )
 
@@ -135,6 +137,14 @@ class Dashboard:
     def retry(self, req: Request) -> Response:
         self.queue.retry(req.params["id"], actor=f"token:{req.session.token.name}")
         return redirect(f"/ui/tasks/{req.params['id']}")
+
+    def maintenance(self, req: Request) -> Response:
+        self.queue.hosts.set_state(req.params["name"], "maintenance")
+        return redirect("/ui/hosts")
+
+    def activate(self, req: Request) -> Response:
+        self.queue.hosts.set_state(req.params["name"], "active")
+        return redirect("/ui/hosts")
 
     # -- live and static ---------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from taskomatic.explain import Why
 from taskomatic.http.sessions import Session
@@ -183,17 +183,31 @@ def hosts(
     reachable: dict[str, Any],
     waiting: dict[str, int],
 ) -> str:
-    """The hosts: state, capacity, whether the inventory reaches them, jobs waiting on each."""
+    """The hosts: state, capacity, whether the inventory reaches them, jobs waiting on each;
+    for admins, a button taking each into maintenance or back."""
+    admin = session.token.role.value == "admin"
+
+    def switch(h: Host) -> str:
+        if not admin:
+            return ""
+        verb = "activate" if h.state.value == "maintenance" else "maintenance"
+        return (
+            f'<td><form method="post" action="/ui/hosts/{quote(h.name)}/{verb}" class="inline">'
+            f"{csrf_field(session)}<button>{verb.title()}</button></form></td>"
+        )
+
     rows = "".join(
         f'<tr id="host-{escape(h.name)}"><td>{escape(h.name)}</td><td>{escape(h.uri)}</td>'
         f'<td class="state-{h.state.value}">{h.state.value}</td>'
         f"<td>{'—' if h.capacity is None else h.capacity}</td>"
-        f"<td>{escape(_reach(reachable.get(h.name)))}</td><td>{waiting.get(h.name, 0)}</td></tr>"
+        f"<td>{escape(_reach(reachable.get(h.name)))}</td><td>{waiting.get(h.name, 0)}</td>"
+        f"{switch(h)}</tr>"
         for h in found
     )
     body = (
         "<h2>Hosts</h2><table id=hosts><thead><tr><th>name</th><th>uri</th><th>state</th>"
-        "<th>capacity</th><th>inventory</th><th>waiting jobs</th></tr></thead>"
+        "<th>capacity</th><th>inventory</th><th>waiting jobs</th>"
+        f"{'<th></th>' if admin else ''}</tr></thead>"
         f"<tbody>{rows or '<tr><td colspan=6>no hosts: taskomatic hosts add</td></tr>'}"
         "</tbody></table>"
     )

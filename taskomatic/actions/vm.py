@@ -444,7 +444,8 @@ def _live_migrate(
     """Peer-to-peer live migration: the source host's libvirtd opens `target.uri` itself, so
     that URI must reach the target from the source host too. With `copy_storage`, every disk
     is copied while the VM runs; libvirt creates a disk missing on the target only in a
-    storage pool there whose directory holds that path."""
+    storage pool there whose directory holds that path, and leaves it there if the migration
+    fails, so this deletes it then."""
     name = source.domain.name()
     flags = (
         libvirt.VIR_MIGRATE_LIVE
@@ -480,7 +481,8 @@ def _live_migrate(
 def _disks_to_create(fleet: Fleet, source: Found, target: Host) -> list[tuple[str, str]]:
     """(pool, volume) of each of the VM's file disks that libvirt will create on the target
     to copy it into: those in an active storage pool's directory there with no such file."""
-    with fleet.call(source.host, f"reading vm {source.domain.name()!r}"):
+    name = source.domain.name()
+    with fleet.call(source.host, f"reading vm {name!r}"):
         root = ET.fromstring(source.domain.XMLDesc(0))
     paths = [
         str(src.get("file"))
@@ -490,23 +492,28 @@ def _disks_to_create(fleet: Fleet, source: Found, target: Host) -> list[tuple[st
     found: list[tuple[str, str]] = []
     if not paths:
         return found
-    with fleet.call(target, "reading the storage pools the migrated disks go to") as conn:
-        pools = {}
-        for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-            directory = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
-            if directory:
-                pools[directory.rstrip("/")] = pool
-        for path in paths:
-            pool = pools.get(posixpath.dirname(path))
-            if pool is None:
-                continue
-            pool.refresh(0)  # a file made outside libvirt must not count as missing
-            try:
-                pool.storageVolLookupByName(posixpath.basename(path))
-            except libvirt.libvirtError as exc:
-                if not is_error(exc, libvirt.VIR_ERR_NO_STORAGE_VOL):
-                    raise
-                found.append((pool.name(), posixpath.basename(path)))
+    try:
+        with fleet.call(target, "reading the storage pools the migrated disks go to") as conn:
+            pools = {}
+            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                directory = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                if directory:
+                    pools[directory.rstrip("/")] = pool
+            for path in paths:
+                pool = pools.get(posixpath.dirname(path))
+                if pool is None:
+                    continue
+                pool.refresh(0)  # a file made outside libvirt must not count as missing
+                try:
+                    pool.storageVolLookupByName(posixpath.basename(path))
+                except libvirt.libvirtError as exc:
+                    if not is_error(exc, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                        raise
+                    found.append((pool.name(), posixpath.basename(path)))
+    except errors.HostError as exc:
+        # Only the clean-up after a failure depends on it: the migration itself goes ahead.
+        log.warning("cannot tell which disks vm %s's migration creates: %s", name, exc)
+        return []
     return found
 
 

@@ -1,4 +1,5 @@
-"""The HTTP JSON API of taskomatic, on the standard library: a route table over Queue.
+"""The HTTP JSON API and the web dashboard of taskomatic, on the standard library: route
+tables over Queue (`api.ROUTES`, `dashboard.ROUTES`).
 
 server = Server(queue, ("127.0.0.1", 8080)).start()
 """

@@ -1,5 +1,6 @@
 """The HTTP server: a thread per request (long-polls block only their own), TLS when given a
-certificate, bearer tokens checked before any handler runs, JSON errors for every refusal."""
+certificate, bearer tokens (the API) or session cookies (the dashboard) checked before any
+handler runs, JSON errors for every refusal of the API, and event streams for the live view."""
 
 from __future__ import annotations
 
@@ -214,8 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
                 log.warning("%s %s: %s", method, path, exc.message)
         except Exception:
             log.exception("%s %s failed", method, path)
-            internal = errors.TaskomaticError("internal error; see the log")
-            internal.code = "internal"
+            internal = HttpError(500, "internal", "internal error; see the log")
             response = self._error(route, session, 500, internal)
         finally:
             if held:

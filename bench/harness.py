@@ -75,6 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "on the same PostgreSQL cluster, alternating with taskomatic (default: on)",
     )
     parser.add_argument(
+        "--peer",
+        action="append",
+        choices=peers.PEER_NAMES,
+        help="only this peer (repeatable; default: all of them)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (dispatcher logs)"
     )
     args = parser.parse_args(argv)
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             if db is pg and args.peers and peered:
                 data["peer_versions"] = peers.ensure_venv(say)
                 say("peers: " + ", ".join(f"{k} {v}" for k, v in data["peer_versions"].items()))
-                subjects += [PeerSubject(name, db) for name in peers.PEER_NAMES]
+                chosen = args.peer or peers.PEER_NAMES
+                subjects += [PeerSubject(name, db) for name in peers.PEER_NAMES if name in chosen]
         names[:] = [s.name for s in subjects]
         failed = measure(subjects, workloads, args, sizes, work_dir, run_id, notes, samples)
         if args.profile:

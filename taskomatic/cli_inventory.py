@@ -20,11 +20,11 @@ from taskomatic.cli import (
     _exit_for,
     _line,
     _user,
-    _wait,
     command,
     fail,
     hosts,
     main,
+    wait_group,
 )
 from taskomatic.drift import drift as find_drift
 from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
@@ -123,8 +123,8 @@ def hosts_clear(
             delete_storage=delete_storage,
             created_by=f"cli:{_user()}",
         )
-    if wait_:
-        tasks = _wait(app, [t.id for t in tasks], None, label=group.name or str(group.id))
+    if wait_:  # the whole group: a clear by migrating adds its moves as it runs
+        tasks = wait_group(app, group, None)
     data = {"group": queue.group(group.id).to_dict(), "tasks": [t.to_dict() for t in tasks]}
     app.out(data, lambda: click.echo(group.id if not wait_ else "\n".join(_line(t) for t in tasks)))
     for task in tasks:

@@ -10,6 +10,7 @@ from typing import Any
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import Check, Context, Param, Registry
 from taskomatic.model import HostState
+from taskomatic.submission import Expansion, TaskSpec
 
 NAME = Param(str, help="the host name")
 
@@ -27,6 +28,14 @@ def register(registry: Registry) -> None:
             check=_check(wanted),
             max_attempts=defaults.HOST_ACTION_MAX_ATTEMPTS,
         )(fn)
+    registry.action(
+        "host.evacuate",
+        params={
+            "name": NAME,
+            "copy_storage": Param(bool, default=False, help="copy disks (no shared storage)"),
+        },
+        max_attempts=defaults.HOST_ACTION_MAX_ATTEMPTS,
+    )(evacuate)
     registry.action(
         "host.verify_empty",
         params={"name": NAME, "pools": Param(bool, default=True, help="storage pools too")},
@@ -59,6 +68,23 @@ def activate(ctx: Context) -> dict[str, Any]:
     with ctx.hosts.call(host, "checking the host answers") as conn:
         conn.getInfo()
     return ctx.hosts.hosts.set_state(host.name, HostState.ACTIVE).to_dict()
+
+
+def evacuate(ctx: Context) -> Expansion:
+    """List the host's VMs now and add one `vm.migrate` per VM to the group (each chooses
+    its target when it runs); what waits for this task waits for every move."""
+    host = ctx.hosts.host(ctx.params["name"])
+    with ctx.hosts.call(host, "listing the VMs to move off the host") as conn:
+        vms = sorted(d.name() for d in conn.listAllDomains(0))
+    moves = [
+        TaskSpec(
+            "vm.migrate",
+            {"name": vm, "host": host.name, "copy_storage": ctx.params["copy_storage"]},
+            name=f"move {vm}",
+        )
+        for vm in vms
+    ]
+    return Expansion(moves, result={"host": host.name, "vms": vms})
 
 
 def verify_empty(ctx: Context) -> dict[str, Any]:

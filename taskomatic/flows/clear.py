@@ -6,9 +6,11 @@ inventory lists on it destroys and undefines it, then stops and deletes every st
 left. Each object has its own tasks, so `taskomatic show GROUP` reports each one's result.
 What to destroy is read from the inventory, which must be current: a dispatcher keeps it.
 
-Clearing by migrating (`clear_by_migrating`) is the same shape: maintenance, then one
-`vm.migrate` per VM, each choosing its target when it runs (live for a running VM, its
-definition for a stopped one), and the same final check, of VMs only (pools stay).
+Clearing by migrating (`clear_by_migrating`) needs no inventory: maintenance, then
+`host.evacuate` lists the host's VMs at that moment and adds one `vm.migrate` per VM to the
+group (dynamic expansion), each choosing its target when it runs (live for a running VM, its
+definition for a stopped one); the final check (of VMs only: pools stay) waits for every move.
+A VM that cannot move fails its own task with the reason; the others still move.
 """
 
 from __future__ import annotations
@@ -95,22 +97,20 @@ def clear_by_migrating(
 
     Each move is its own task, so a VM that cannot move fails with its own reason (and the
     group with it) while the others still move. `copy_storage` copies disks during live
-    migrations (hosts without shared storage). Raises HostNotFound or InventoryNotCurrent.
+    migrations (hosts without shared storage). Raises HostNotFound.
     """
-    view = Inventory(queue).host(host)
-    _check_current(host, view.record, queue.now())
-    specs = [TaskSpec("host.maintenance", {"name": host}, name="maintenance")]
-    moves = []
-    for vm in sorted({v.name for v in view.vms}):
-        params = {"name": vm, "host": host, "copy_storage": copy_storage}
-        specs.append(TaskSpec("vm.migrate", params, name=f"move {vm}", after=["maintenance"]))
-        moves.append(f"move {vm}")
-    specs.append(
+    queue.hosts.get(host)
+    specs = [
+        TaskSpec("host.maintenance", {"name": host}, name="maintenance"),
         TaskSpec(
-            "host.verify_empty", {"name": host, "pools": False}, after=moves or ["maintenance"]
-        )
-    )
-    name = f"clear host {host} by migrating {len(moves)} vm(s)"
+            "host.evacuate",
+            {"name": host, "copy_storage": copy_storage},
+            name="evacuate",
+            after=["maintenance"],
+        ),
+        TaskSpec("host.verify_empty", {"name": host, "pools": False}, after=["evacuate"]),
+    ]
+    name = f"clear host {host} by migrating its vms"
     return queue.submit_group(
         specs, name=name, group_id=group_id, created_by=created_by, on_failure="continue"
     )

@@ -188,4 +188,6 @@ def test_clearing_a_host_by_migrating_reports_each_vm(sqlite_cli: Cli) -> None:
             "VIR_ERR_ARGUMENT_UNSUPPORTED"
         )
     assert tasks["host.verify_empty", "kvm1"]["state"] == "cancelled"
-    assert cleared.json()["group"]["name"] == "clear host kvm1 by migrating 3 vm(s)"
+    assert cleared.json()["group"]["name"] == "clear host kvm1 by migrating its vms"
+    [evacuate] = [t for t in cleared.json()["tasks"] if t["action"] == "host.evacuate"]
+    assert evacuate["result"]["vms"] == ["db1", "old-ci", "web1"]

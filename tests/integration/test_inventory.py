@@ -516,18 +516,23 @@ def test_a_clear_is_refused_without_confirmation_or_a_current_inventory(
 def test_clearing_a_host_by_migrating_moves_what_can_move_and_names_what_cannot(
     lab: Lab,
 ) -> None:
-    """Maintenance, then one move per VM to a host chosen when it runs: the stopped VM's
-    definition moves to h2; the test driver cannot live-migrate, so each running or paused
-    VM's move fails with libvirt's code and the group fails, the last check never running.
-    A VM defined once maintenance began, while the host drains, is placed elsewhere."""
-    with lab.keeper(thread=False):
-        group, tasks = clear_by_migrating(lab.queue, H1)
+    """Maintenance, then the host's VMs listed as it runs and one move per VM added to the
+    group, each to a host chosen when it runs: the stopped VM's definition moves to h2; the
+    test driver cannot live-migrate, so each running or paused VM's move fails with
+    libvirt's code (the others still move) and the group fails, the last check never
+    running. A VM defined once maintenance began, while the host drains, is placed
+    elsewhere; no inventory is needed to plan it."""
+    group, tasks = clear_by_migrating(lab.queue, H1)
+    assert [t.action for t in tasks] == ["host.maintenance", "host.evacuate", "host.verify_empty"]
     maintenance = next(t for t in tasks if t.action == "host.maintenance")
     newcomer = lab.submit(
         "vm.define", {"name": "newcomer", "memory_mib": 64}, after=[maintenance.id]
     )
     lab.drain()
-    done = {(t.action, t.params["name"]): lab.queue.get(t.id) for t in tasks}
+    members = lab.queue.list(group=group.id, limit=100).tasks
+    done = {(t.action, t.params["name"]): t for t in members}
+    evacuate = done["host.evacuate", H1]
+    assert evacuate.result == {"host": H1, "vms": sorted(vm(H1, k) for k in KINDS)}
     assert done["host.maintenance", H1].state is State.COMPLETE
     stopped = done["vm.migrate", vm(H1, "off")]
     assert stopped.state is State.COMPLETE

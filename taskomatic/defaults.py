@@ -142,3 +142,7 @@ JOB_POLL_BACKOFF = 1.5
 
 JOB_POLL_MAX_SECONDS = 15.0
 """Longest interval between polls of a host job; libvirt events cut it short (seconds)."""
+
+STOP_CHECK_SECONDS = 1.0
+"""How often a dispatcher holding tasks looks for cancels of them recorded by any process:
+the longest a cancel takes to reach a running action or a host job (seconds)."""

@@ -133,6 +133,7 @@ class Dispatcher:
         next_renew = now + self._renew_interval()
         next_recovery = now  # start-up is recovery: the same sweep runs now and periodically
         next_poll = now + self.poll
+        next_stops = now + defaults.STOP_CHECK_SECONDS
         pending: list[Outcome] = []
         due: datetime | None = None
         while not self._stop.is_set():
@@ -149,6 +150,9 @@ class Dispatcher:
                 if now >= next_renew:
                     self._renew()
                     next_renew = now + self._renew_interval()
+                if now >= next_stops and self.running:
+                    self._look_for_stops()
+                    next_stops = now + defaults.STOP_CHECK_SECONDS
                 self._expire_overdue(now)
                 pending += self.pool.drain()
                 ended, notes = self.monitor.drain()
@@ -183,7 +187,10 @@ class Dispatcher:
             due = result.next_due
             if until_empty and not self.running and self.queue.live_count() == 0:
                 return
-            timeout = min(next_poll, next_renew, next_recovery, self._next_deadline()) - now
+            soonest = min(next_poll, next_renew, next_recovery, self._next_deadline())
+            if self.running:
+                soonest = min(soonest, next_stops)
+            timeout = soonest - now
             if due is not None:
                 timeout = min(timeout, (due - self.queue.now()).total_seconds())
             signal.wait(seen, max(timeout, 0.001))
@@ -348,7 +355,11 @@ class Dispatcher:
             if self.running[tid].waiting:
                 self.monitor.forget(tid)
                 del self.running[tid]
-        for tid, request in self.queue.stop_requests(self.id, list(kept)).items():
+
+    def _look_for_stops(self) -> None:
+        """Pass on cancels recorded since the last look (by any process) to what we hold."""
+        mine = [tid for tid, r in self.running.items() if not r.ended and r.stop is None]
+        for tid, request in self.queue.stop_requests(self.id, mine).items():
             if tid in self.running and self.running[tid].stop is None:
                 log.info("task %s: %s requested", tid, request.get("reason"))
                 self._stop_task(tid, request)

@@ -195,6 +195,7 @@ class JobMonitor:
                 w.interval = defaults.JOB_POLL_FIRST_SECONDS  # it moves: keep looking closely
                 job = {**w.job.to_dict(), "progress": dict(status.progress)}
                 self._notes.append(Note(w.task, "", job))
+                self._on_done()  # wake the dispatcher to record it
             self._reschedule(w)
             return
         self._finish(w)
@@ -216,6 +217,7 @@ class JobMonitor:
     def _note(self, w: _Watch, message: str) -> None:
         log.info("task %s: %s", w.task.id, message)
         self._notes.append(Note(w.task, message))
+        self._on_done()
 
     # -- libvirt events --------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def test_cancelling_a_waiting_task_aborts_its_job_and_ends_it_once_gone(
     ends cancelled, with the request and the abort in its timeline; its dependent too."""
     task = queue.submit("proc.run", {"dir": str(tmp_path), "seconds": 60.0})
     dependent = queue.submit("noop", after=[task.id])
-    with dispatching(queue, workers=1, lease=3):  # leases renewed (and stops seen) each second
+    with dispatching(queue, workers=1):
         wait_until(lambda: queue.get(task.id).state is State.WAITING, 10, "the task waiting")
         [asked] = queue.cancel(task.id, "not needed any more")
         assert asked.state is State.WAITING

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,7 @@ from taskomatic import defaults, errors
 from taskomatic.actions import domains
 from taskomatic.actions.domains import ACTIVE, RUNNING, describe, state
 from taskomatic.actions.registry import Check, Context, Param, Registry
+from taskomatic.jobs import HostJob, JobHooks, JobStatus
 from taskomatic.model import Host
 from taskomatic.virt.connections import code_name, host_error, is_error
 from taskomatic.virt.fleet import Fleet, Found
@@ -100,6 +102,7 @@ def register(registry: Registry) -> None:
         locks=_migrate_locks,
         check=check_migrate,
         max_attempts=attempts,
+        job=JobHooks(poll_migration, finish_migration, abort_migration),
     )(migrate)
 
 
@@ -337,21 +340,22 @@ def check_undefine(ctx: Context) -> Check:
 # --- migrate ----------------------------------------------------------------------------------
 
 
-def migrate(ctx: Context) -> dict[str, Any]:
+def migrate(ctx: Context) -> dict[str, Any] | HostJob:
     """Move a VM to another host: live (peer-to-peer) if it runs, else its definition.
 
-    A live migration runs to its end inside this call. If one this task started is still
-    running (its dispatcher died, or the call lost its connection), it is awaited, never
-    started again.
+    A live migration is a host job: it is started and handed back, and the task waits
+    while the source host's libvirtd carries it out (`poll_migration`). If one this task
+    started is still running (its dispatcher died), that one is followed, never a second.
     """
     p, fleet = ctx.params, ctx.hosts
     name = p["name"]
-    copies, awaited = _settled_copies(ctx)
+    copies = fleet.find_copies(name, None)
+    left = _left_by(ctx, copies)
+    if left is not None and _stamp_of(left)[2] and _migrating(left):
+        return _migration_job(ctx, left, target=None, created=[])
     moved = _moved_by(ctx, copies)
     if moved is not None:
         return _finish_move(fleet, name, moved, copies)
-    if awaited is not None:
-        raise errors.ActionFailed(_not_moved(name, awaited, "started, and then awaited,"))
     sources = [c for c in copies if not p["host"] or c.host.name == p["host"]]
     if len(sources) != 1:
         where = ", ".join(c.host.name for c in copies) or "no host"
@@ -371,10 +375,11 @@ def migrate(ctx: Context) -> dict[str, Any]:
             raise errors.ActionFailed(f"vm {name!r} is running; live=false moves only a stopped VM")
         _stamp(ctx, source, running)
         if running:
-            _live_migrate(fleet, source, target, p["copy_storage"], p["bandwidth_mib"])
-        else:
-            _offline_migrate(fleet, source, target)
-    # Looked up afresh: a live migration has undefined the source; an offline one has not yet.
+            created = _disks_to_create(fleet, source, target) if p["copy_storage"] else []
+            _start_live_migration(ctx, source, target, created)
+            return _migration_job(ctx, source, target.name, created)
+        _offline_migrate(fleet, source, target)
+    # Looked up afresh: an offline move has not undefined the source yet.
     return _finish_move(fleet, name, fleet.need_vm(name, target.name), fleet.find_copies(name))
 
 
@@ -383,7 +388,10 @@ def check_migrate(ctx: Context) -> Check:
     diverged if a live migration it started ended without moving the VM (aborted or failed;
     starting another is the operator's call), else not started."""
     name = ctx.params["name"]
-    copies, _ = _settled_copies(ctx)
+    copies = ctx.hosts.find_copies(name, None)
+    left = _left_by(ctx, copies)
+    if left is not None and _stamp_of(left)[2] and _migrating(left):
+        return Check.in_progress()  # the run follows it as its host job
     moved = _moved_by(ctx, copies)
     if moved is not None and len(copies) == 1:
         return Check.done({**describe(moved.host, moved.domain), "from": _stamp_of(moved)[1]})
@@ -401,25 +409,127 @@ def _not_moved(name: str, left: Found, when: str) -> str:
     )
 
 
-def _settled_copies(ctx: Context) -> tuple[list[Found], Found | None]:
-    """The VM's copies once no live migration this task started runs any more, and the
-    source copy if such a migration was running (and so was awaited here)."""
-    copies = ctx.hosts.find_copies(ctx.params["name"], None)
-    left = _left_by(ctx, copies)
-    if left is None or not _stamp_of(left)[2] or not _migrating(left):
-        return copies, None
-    while _migrating(left):
-        if ctx.stop.wait(defaults.HOST_STATE_POLL_SECONDS):
-            raise errors.ActionError(
-                f"stopped while vm {ctx.params['name']!r} was migrating from host "
-                f"{left.host.name!r}; the migration goes on, and the next attempt awaits it"
+# --- a live migration as a host job ----------------------------------------------------------
+
+_calls: dict[str, threading.Thread] = {}
+_errors: dict[str, libvirt.libvirtError] = {}
+_calls_lock = threading.Lock()
+"""The migrateToURI3 calls this process has under way, and how the ended ones failed, by
+task id: libvirt's own error is the best account of a failed migration. After a restart
+neither is known, and the hosts alone say what happened."""
+
+
+def _migration_job(ctx: Context, source: Found, target: str | None, created: list[Any]) -> HostJob:
+    return HostJob(
+        source.host.name,
+        "migration",
+        {"vm": source.domain.name(), "target": target, "created": [list(c) for c in created]},
+    )
+
+
+def _start_live_migration(
+    ctx: Context, source: Found, target: Host, created: list[tuple[str, str]]
+) -> None:
+    """Start the peer-to-peer live migration in a thread of its own: the call returns only
+    when the migration ends, and the task waits meanwhile without holding a worker."""
+    key = str(ctx.task_id)
+    p = ctx.params
+
+    def call() -> None:
+        try:
+            _live_migrate(source, target, p["copy_storage"], p["bandwidth_mib"])
+        except libvirt.libvirtError as exc:
+            with _calls_lock:
+                _errors[key] = exc
+        finally:
+            with _calls_lock:
+                _calls.pop(key, None)
+
+    thread = threading.Thread(target=call, name=f"migrate-{source.domain.name()}", daemon=True)
+    with _calls_lock:
+        _calls[key] = thread
+        _errors.pop(key, None)
+    thread.start()
+
+
+def poll_migration(ctx: Context, job: HostJob) -> JobStatus:
+    """Running while our call runs or the source domain has an outgoing migration job;
+    progress from the job's statistics."""
+    with _calls_lock:
+        calling = str(ctx.task_id) in _calls
+    source = ctx.hosts.find_vm(job.details["vm"], job.host)
+    stats = _job_stats(source) if source is not None else {}
+    if calling or stats:
+        keys = (
+            "time_elapsed",
+            "data_total",
+            "data_processed",
+            "data_remaining",
+            "disk_total",
+            "disk_processed",
+            "disk_remaining",
+        )
+        progress = {k: stats[k] for k in keys if k in stats}
+        return JobStatus(True, progress or None)
+    return JobStatus.gone()
+
+
+def finish_migration(ctx: Context, job: HostJob) -> dict[str, Any]:
+    """The migration is over: done if the VM arrived (the source copy gone), else a failure
+    saying why — libvirt's error when this process made the call, the hosts' word after a
+    restart — with the disk copies it created on the target removed."""
+    name = job.details["vm"]
+    with _calls_lock:
+        failure = _errors.pop(str(ctx.task_id), None)
+    copies = ctx.hosts.find_copies(name, None)
+    moved = _moved_by(ctx, copies)
+    if moved is not None:
+        return _finish_move(ctx.hosts, name, moved, copies)
+    source = ctx.hosts.host(job.host)
+    target = job.details.get("target")
+    if target:
+        created = [(pool, vol) for pool, vol in job.details.get("created") or []]
+        _remove_copies(ctx.hosts, ctx.hosts.host(target), name, created)
+    if failure is not None:
+        if is_error(failure, libvirt.VIR_ERR_OPERATION_ABORTED):
+            raise errors.ActionFailed(
+                f"the live migration of vm {name!r} from host {source.name!r} to host "
+                f"{target!r} was aborted ({_message(failure)}); the vm still runs on host "
+                f"{source.name!r}",
+                host=source.name,
+                libvirt_code=code_name(failure),
             )
-    return ctx.hosts.find_copies(ctx.params["name"], None), left
+        raise host_error(failure, source.name, f"live-migrating vm {name!r} to host {target!r}")
+    left = _left_by(ctx, copies)
+    raise errors.ActionFailed(
+        _not_moved(name, left, "started")
+        if left is not None
+        else f"vm {name!r} is on none of the hosts after its live migration from {source.name!r}"
+    )
 
 
-def _migrating(found: Found) -> bool:
+def abort_migration(ctx: Context, job: HostJob) -> None:
+    """Ask the source host to abort the migration; the VM then stays there, running."""
+    source = ctx.hosts.find_vm(job.details["vm"], job.host)
+    if source is None:
+        return
+    try:
+        source.domain.abortJob()
+    except libvirt.libvirtError as exc:
+        if not is_error(exc, libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+            raise host_error(exc, job.host, "aborting the migration") from None
+
+
+def _job_stats(found: Found) -> dict[str, Any]:
+    """The statistics of an outgoing migration job running on this copy, or {}."""
+    stats: dict[str, Any] = {}
+    return stats if _migrating(found, stats) else {}
+
+
+def _migrating(found: Found, into: dict[str, Any] | None = None) -> bool:
     """Whether an outgoing migration job runs on this copy now (none on a domain that is
-    gone or stopped, as the source is once a migration completed)."""
+    gone or stopped, as the source is once a migration completed); its statistics go
+    `into` a given dict."""
     try:
         stats = found.domain.jobStats(0)
     except libvirt.libvirtError as exc:
@@ -432,50 +542,36 @@ def _migrating(found: Found) -> bool:
         ):
             return False
         raise host_error(exc, found.host.name, "reading the migration job") from None
-    return bool(
+    running = bool(
         stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
         and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
     )
+    if running and into is not None:
+        into.update(stats)
+    return running
 
 
 def _live_migrate(
-    fleet: Fleet, source: Found, target: Host, copy_storage: bool, bandwidth_mib: int | None
+    source: Found, target: Host, copy_storage: bool, bandwidth_mib: int | None
 ) -> None:
-    """Peer-to-peer live migration: the source host's libvirtd opens `target.uri` itself, so
-    that URI must reach the target from the source host too. With `copy_storage`, every disk
-    is copied while the VM runs; libvirt creates a disk missing on the target only in a
-    storage pool there whose directory holds that path, and leaves it there if the migration
-    fails, so this deletes it then."""
-    name = source.domain.name()
+    """Peer-to-peer live migration, to its end: the source host's libvirtd opens
+    `target.uri` itself, so that URI must reach the target from the source host too. With
+    `copy_storage`, every disk is copied while the VM runs; libvirt creates a disk missing
+    on the target only in a storage pool there whose directory holds that path, and leaves
+    it there if the migration fails (`finish_migration` deletes it then)."""
     flags = (
         libvirt.VIR_MIGRATE_LIVE
         | libvirt.VIR_MIGRATE_PEER2PEER
         | libvirt.VIR_MIGRATE_PERSIST_DEST
         | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
     )
-    created: list[tuple[str, str]] = []
     if copy_storage:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
-        created = _disks_to_create(fleet, source, target)
     params: dict[str, Any] = {}
     if bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
-    try:
-        # The whole migration runs on the source host's libvirtd, inside this call.
-        source.domain.migrateToURI3(target.uri, params, flags)
-    except libvirt.libvirtError as exc:
-        _remove_copies(fleet, target, name, created)
-        if is_error(exc, libvirt.VIR_ERR_OPERATION_ABORTED):
-            raise errors.ActionFailed(
-                f"the live migration of vm {name!r} from host {source.host.name!r} to host "
-                f"{target.name!r} was aborted ({_message(exc)}); the vm still runs on host "
-                f"{source.host.name!r}",
-                host=source.host.name,
-                libvirt_code=code_name(exc),
-            ) from None
-        raise host_error(
-            exc, source.host.name, f"live-migrating vm {name!r} to host {target.name!r}"
-        ) from None
+    # The whole migration runs on the source host's libvirtd, inside this call.
+    source.domain.migrateToURI3(target.uri, params, flags)
 
 
 def _disks_to_create(fleet: Fleet, source: Found, target: Host) -> list[tuple[str, str]]:

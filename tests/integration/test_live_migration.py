@@ -256,6 +256,45 @@ def test_an_aborted_migration_leaves_the_vm_running_on_its_source_and_fails_the_
     assert lab.image("a", "slow").exists()
 
 
+def test_cancelling_a_waiting_migration_aborts_it_on_the_host_and_the_vm_stays(
+    lab: TwoHosts, queue: Queue, connections: Connections
+) -> None:
+    """The task waits while host a's libvirtd migrates (its job's progress recorded); a
+    cancel aborts the migration on the host, and the task ends cancelled once the job is
+    gone, saying the VM still runs on a — which it does, the same QEMU process."""
+    lab.make_vm("a", "cancelled", size_mib=SLOW_DISK_MIB, data_mib=8)
+    source = _dom(lab, "a", "cancelled")
+    domain_id = source.ID()
+    task = queue.submit(
+        "vm.migrate",
+        {"name": "cancelled", "to": B, "copy_storage": True, "bandwidth_mib": SLOW_MIB},
+    )
+    with running_dispatcher(queue, fleet=Fleet(queue.hosts, connections), poll=0.5):
+
+        def progressing() -> bool:
+            row = queue.get(task.id)
+            return row.state is State.WAITING and bool((row.job or {}).get("progress"))
+
+        wait_until(progressing, WAIT_SECONDS, "the task waiting with the job's progress")
+        first = (queue.get(task.id).job or {})["progress"]["time_elapsed"]
+
+        def moved_on() -> bool:
+            return (queue.get(task.id).job or {})["progress"]["time_elapsed"] > first
+
+        wait_until(moved_on, WAIT_SECONDS, "the recorded progress to follow the host's job")
+        [asked] = queue.cancel(task.id, "not now")
+        assert asked.state is State.WAITING
+        [ended] = queue.wait(task.id, timeout=WAIT_SECONDS)
+    assert ended.state is State.CANCELLED
+    assert ended.error is not None and "not now" in ended.error["message"]
+    assert "still runs on host 'twohost-a'" in ended.error["message"]
+    messages = [e.message for e in queue.events(task.id)]
+    assert "cancel: abort of the migration job requested on twohost-a" in messages
+    assert source.state()[0] == libvirt.VIR_DOMAIN_RUNNING and source.ID() == domain_id
+    assert _names(lab, "b") == set()
+    assert not lab.image("b", "cancelled").exists()
+
+
 # --- a dispatcher killed mid-migration --------------------------------------------------------
 
 
@@ -305,14 +344,17 @@ def _killed_mid_migration(
     victim = _dispatcher(procs, url)
     wait_until(lambda: _migrating(source), WAIT_SECONDS, "the migration to start")
     wait_until(lambda: vm in _names(lab, "b"), WAIT_SECONDS, "the incoming domain on b")
+    # A host job: the task waits on it, its worker free, its job recorded in the row.
+    waiting = wait_until(lambda: queue.get(task.id).state is State.WAITING, WAIT_SECONDS, "waiting")
+    assert waiting
+    job = queue.get(task.id).job
+    assert job is not None and (job["host"], job["kind"]) == (A, "migration")
     victim.kill()
     return task, source
 
 
 def _taken_over(queue: Queue, task: Task) -> bool:
-    return any(
-        (e.from_state, e.to_state) == (State.RUNNING, State.RUNNING) for e in queue.events(task.id)
-    )
+    return any(e.message.startswith("taken over") for e in queue.events(task.id))
 
 
 def _qemu_pid(lab: TwoHosts, host: str, vm: str) -> int:
@@ -334,7 +376,7 @@ def _held_until_taken_over(
         _dispatcher(procs, url)
         wait_until(lambda: _taken_over(queue, task), WAIT_SECONDS, "the takeover")
         assert _migrating(source), "the migration ended while held"
-        assert queue.get(task.id).state is State.RUNNING  # awaiting it, not done, not failed
+        assert queue.get(task.id).state is State.WAITING  # watching it, not done, not failed
     finally:
         os.kill(target_qemu, signal.SIGCONT)
     return task, source, incoming_id
@@ -370,7 +412,7 @@ def test_killed_mid_migration_aborted_while_the_next_dispatcher_awaits_it_fails_
     wait_until(lambda: queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
     ended = queue.get(task.id)
     assert ended.state is State.FAILED, ended.result
-    assert ended.error is not None and ended.error["type"] == "Diverged"
+    assert ended.error is not None and ended.error["type"] == "ActionFailed"
     assert "ended without moving it" in ended.error["message"]
     assert source.state()[0] == libvirt.VIR_DOMAIN_RUNNING and source.ID() == domain_id
     assert not _migrating(source)
@@ -380,9 +422,10 @@ def test_killed_mid_migration_aborted_while_the_next_dispatcher_awaits_it_fails_
 def test_killed_mid_migration_that_is_then_aborted_the_task_fails_and_the_vm_stays(
     lab: TwoHosts, queue: Queue, procs: Processes, sqlite_url: str
 ) -> None:
-    """kill -9 while the migration runs, then an operator aborts it on host a: the next
-    dispatcher's check finds the VM still running on a with this task's mark, fails the task
-    as diverged saying the migration ended without moving it, and starts no second one."""
+    """kill -9 while the migration runs (the task waiting on it), then an operator aborts
+    it on host a: the next dispatcher takes the waiting task over, finds the job gone and
+    the VM still running on a with this task's mark, fails the task saying the migration
+    ended without moving it, and starts no second one."""
     task, source = _killed_mid_migration(lab, queue, procs, sqlite_url, "stays")
     domain_id = source.ID()
     source.abortJob()
@@ -391,7 +434,7 @@ def test_killed_mid_migration_that_is_then_aborted_the_task_fails_and_the_vm_sta
     wait_until(lambda: queue.get(task.id).state.terminal, WAIT_SECONDS, "the task to end")
     ended = queue.get(task.id)
     assert ended.state is State.FAILED, ended.result
-    assert ended.error is not None and ended.error["type"] == "Diverged"
+    assert ended.error is not None and ended.error["type"] == "ActionFailed"
     assert "ended without moving it" in ended.error["message"]
     assert _taken_over(queue, task)
     assert source.state()[0] == libvirt.VIR_DOMAIN_RUNNING and source.ID() == domain_id

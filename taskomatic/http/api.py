@@ -11,6 +11,8 @@ from taskomatic import defaults, errors
 from taskomatic import schema as s
 from taskomatic.drift import drift as find_drift
 from taskomatic.flows.clear import clear_by_destroying, clear_by_migrating
+from taskomatic.flows.create import create_vm
+from taskomatic.flows.merge import remove_snapshot
 from taskomatic.http.router import TEXT, HttpError, Request, Response, Route
 from taskomatic.inventory import Inventory
 from taskomatic.model import Dispatcher
@@ -89,6 +91,29 @@ ROUTES: tuple[Route, ...] = (
         "GroupSpec",
     ),
     Route("GET", "/v1/groups/{id}", VIEW, "get_group", "A group, its derived state and its tasks."),
+    Route(
+        "GET",
+        "/v1/groups/{id}/why",
+        VIEW,
+        "why_group",
+        "Where a group is: what sank it, why each live task waits.",
+    ),
+    Route(
+        "POST",
+        "/v1/vms",
+        OPER,
+        "create_vm",
+        "Submit the group creating a VM on a new disk and starting it (undone on failure).",
+        "VmCreateSpec",
+    ),
+    Route(
+        "POST",
+        "/v1/vms/{name}/snapshots/{snapshot}/remove",
+        OPER,
+        "remove_snapshot",
+        "Submit the group removing an external snapshot (live merge while the VM runs).",
+        "SnapshotRemovalSpec",
+    ),
     Route("GET", "/v1/hosts", VIEW, "list_hosts", "The hypervisors, by name.", query=("state",)),
     Route(
         "POST",
@@ -367,6 +392,29 @@ class Api:
             )
         return Response(200, {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]})
 
+    def why_group(self, req: Request) -> Response:
+        return Response(200, self.queue.why_group(req.params["id"]).to_dict())
+
+    def create_vm(self, req: Request) -> Response:
+        body = _fields(
+            req.object_body(),
+            required={"name": str, "host": str, "pool": str, "disk_mib": int},
+            optional={"memory_mib": int, "vcpus": int, "network": str},
+        )
+        group, tasks = create_vm(self.queue, created_by=req.actor, **body)
+        return Response(200, {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]})
+
+    def remove_snapshot(self, req: Request) -> Response:
+        body = _fields(
+            req.object_body(),  # {} for the defaults
+            required={},
+            optional={"host": str, "bandwidth": int},
+        )
+        group, tasks = remove_snapshot(
+            self.queue, req.params["name"], req.params["snapshot"], created_by=req.actor, **body
+        )
+        return Response(200, {"group": group.to_dict(), "tasks": [t.to_dict() for t in tasks]})
+
     def vms(self, req: Request) -> Response:
         host = req.arg("host")
         if host is not None:
@@ -414,6 +462,35 @@ class Api:
 
     def revoke_token(self, req: Request) -> Response:
         return Response(200, self.tokens.revoke(req.params["name"]).to_dict())
+
+
+def _fields(
+    body: dict[str, Any], *, required: dict[str, type], optional: dict[str, type]
+) -> dict[str, Any]:
+    """The body's fields, each of its declared JSON type; 400 naming the first that is
+    missing, unknown or of the wrong type."""
+    declared = {**required, **optional}
+    for name in body:
+        if name not in declared:
+            raise errors.ValidationError(f"unknown field {name!r}", field=name)
+    for name in required:
+        if name not in body:
+            raise errors.ValidationError(f"missing field {name!r}", field=name)
+    out: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None and name in optional:
+            continue
+        if declared[name] is int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise errors.ValidationError(f"{name!r} must be a whole number", field=name)
+            if not 1 <= value <= MAX_CAPACITY:
+                raise errors.ValidationError(
+                    f"{name!r} must be between 1 and {MAX_CAPACITY}", field=name
+                )
+        elif not isinstance(value, str) or not value or "\x00" in value:
+            raise errors.ValidationError(f"{name!r} must be a non-empty string", field=name)
+        out[name] = value
+    return out
 
 
 def _group_id(value: Any, field: str = "id") -> uuid.UUID | None:

@@ -45,6 +45,18 @@ _TASK_SPEC = {
     },
 }
 
+_NAMES_A_HOST = frozenset({"VmCreateSpec", "SnapshotRemovalSpec"})
+"""Request bodies that name a host, which may not exist (404)."""
+
+_WHOLE: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY}
+_NAME: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": "^[^\\x00]*$"}
+
+
+def _optional(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field: null means absent (the default)."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
 SCHEMAS: dict[str, Any] = {
     "Error": _ERROR,
     "TaskSpec": _TASK_SPEC,
@@ -89,6 +101,28 @@ SCHEMAS: dict[str, Any] = {
             },
             "delete_storage": {"type": "boolean", "description": "how=destroy: pools' data too"},
             "copy_storage": {"type": "boolean", "description": "how=migrate: copy disks"},
+        },
+    },
+    "VmCreateSpec": {
+        "type": "object",
+        "required": ["name", "host", "pool", "disk_mib"],
+        "additionalProperties": False,
+        "properties": {
+            "name": _NAME,
+            "host": _NAME,
+            "pool": {**_NAME, "description": "the storage pool of its new disk"},
+            "disk_mib": _WHOLE,
+            "memory_mib": _optional(_WHOLE),
+            "vcpus": _optional(_WHOLE),
+            "network": _optional(_NAME),
+        },
+    },
+    "SnapshotRemovalSpec": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "host": {**_optional(_NAME), "description": "default: wherever the VM is defined"},
+            "bandwidth": {**_optional(_WHOLE), "description": "MiB/s for each block commit"},
         },
     },
     "TokenSpec": {
@@ -158,7 +192,7 @@ def document() -> dict[str, Any]:
         codes = ["400", "503"]
         if route.role is not None:
             codes += ["401", "403"]
-        if "{" in route.pattern or "host" in route.query:
+        if "{" in route.pattern or "host" in route.query or route.body in _NAMES_A_HOST:
             codes.append("404")
         if route.method == "POST":
             codes += ["409", "413", "415"]

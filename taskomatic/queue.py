@@ -852,6 +852,8 @@ class Queue:
         groups = {t.group_id for t in self.store.get_many(conn, list(ended)) if t.group_id}
         for gid in sorted(groups, key=str):
             policy = self.store.lock_group(conn, gid)
+            if not self.store.group_has_ended_badly(conn, gid):
+                continue  # the common case, without reading the whole group
             members = self.store.group_tasks(conn, gid)
             if any(m.compensates for m in members):
                 continue  # settled already: its compensation runs or ran

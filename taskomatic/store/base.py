@@ -690,6 +690,15 @@ class Store(InventoryStatements, ObserveStatements):
         query = sa.select(g.c.on_failure).where(g.c.id == group_id).with_for_update()
         return conn.execute(query).scalar() or "stop"
 
+    def group_has_ended_badly(self, conn: sa.Connection, group_id: uuid.UUID) -> bool:
+        """Whether a task of the group (not a compensation) failed or was cancelled."""
+        query = sa.select(t.c.id).where(
+            t.c.group_id == group_id,
+            t.c.compensates.is_(None),
+            t.c.state.in_([State.FAILED, State.CANCELLED]),
+        )
+        return conn.execute(query.limit(1)).first() is not None
+
     def group_tasks(self, conn: sa.Connection, group_id: uuid.UUID) -> list[Task]:
         """Every task of a group (with its prerequisites), in submission order."""
         rows = list(conn.execute(sa.select(t).where(t.c.group_id == group_id).order_by(t.c.seq)))

@@ -365,7 +365,7 @@ class Dispatcher:
                 self._stop_task(tid, request)
 
     def _recover(self) -> None:
-        free = self.pool.size - len(self.running)
+        free = self.pool.size - self._busy_workers()
         for task in self.queue.take_over(self.id, free, self.lease):
             log.warning(
                 "took over task %s (%s) from dispatcher %s; checking before re-running",
@@ -377,7 +377,7 @@ class Dispatcher:
 
     def _safety_poll(self) -> None:
         """Find runnable tasks the wake-ups should already have dispatched: each is a bug."""
-        free = self.pool.size - len(self.running)
+        free = self.pool.size - self._busy_workers()
         if free <= 0:
             return
         cutoff = self.queue.now() - timedelta(
@@ -423,6 +423,10 @@ class Dispatcher:
             self.monitor.stop()
             self.pool.stop()
             log.info("dispatcher %s stopped", self.id)
+
+    def _busy_workers(self) -> int:
+        """Workers running an action now (a waiting task holds none)."""
+        return sum(1 for r in self.running.values() if not r.waiting)
 
     def _working(self) -> bool:
         """Some task is in a worker (waiting ones are left to whoever takes them over)."""

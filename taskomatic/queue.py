@@ -213,7 +213,9 @@ class Queue:
 
         def write(conn: sa.Connection, now: datetime) -> builtins.list[Task]:
             ids = [p.id for p in prepared]
-            existing = {t.id: t for t in self.store.get_many(conn, ids)}
+            # Only an id the caller chose can exist already; ours are new UUIDs.
+            chosen = [p.id for p in prepared if p.chosen]
+            existing = {t.id: t for t in self.store.get_many(conn, chosen)}
             for p in prepared:
                 if p.id in existing:
                     diff = p.differences(existing[p.id], group_id)
@@ -231,9 +233,12 @@ class Queue:
                         raise errors.UnknownPrerequisite(p.id, a)
             if group:
                 self.store.insert_group(conn, group[0], group[1], created_by, now, group[2])
+            rows = [
+                _row(p, now, group_id, created_by, states, inside - set(existing)) for p in fresh
+            ]
             self.store.insert_tasks(
                 conn,
-                [_row(p, now, group_id, created_by, states, inside - set(existing)) for p in fresh],
+                rows,
                 [(p.id, a) for p in fresh for a in p.after],
                 [(p.id, k) for p in fresh for k in p.locks],
             )
@@ -242,8 +247,11 @@ class Queue:
                 conn, ((p.id, None, State.NEW, "submitted") for p in fresh), actor, now
             )
             sunk = {a for p in fresh for a in p.after if states.get(a) in _SINKING}
-            self._cancel_dependents(conn, sunk, states, now, actor)
-            return self.store.get_many(conn, ids)
+            if existing or sunk:
+                self._cancel_dependents(conn, sunk, states, now, actor)
+                return self.store.get_many(conn, ids)
+            # All new and none cancelled at birth: the rows just written are the tasks.
+            return [_new_task(row, p.after) for row, p in zip(rows, fresh, strict=True)]
 
         try:
             return self._write(write)
@@ -1020,6 +1028,36 @@ def _row(
         "updated_at": now,
         "pending": pending,
     }
+
+
+def _new_task(row: Mapping[str, Any], after: Sequence[uuid.UUID]) -> Task:
+    """The Task a fresh row (from `_row`) describes, as reading it back would give it."""
+    return Task(
+        id=row["id"],
+        action=row["action"],
+        params=row["params"],
+        state=State.NEW,
+        priority=row["priority"],
+        not_before=row["not_before"].astimezone(UTC),  # stored as UTC
+        timeout=row["timeout"],
+        max_attempts=row["max_attempts"],
+        attempt=0,
+        locks=tuple(row["locks"]),
+        group_id=row["group_id"],
+        result=None,
+        error=None,
+        created_by=row["created_by"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=None,
+        finished_at=None,
+        owner=None,
+        lease_until=None,
+        deadline=None,
+        pending=row["pending"],
+        collected_at=None,
+        prerequisites=tuple(sorted(after)),
+    )
 
 
 def _sunk_by(task: Task, prerequisite: uuid.UUID) -> bool:

@@ -100,6 +100,7 @@ class Prepared:
     not_before: datetime | None
     timeout: float | None
     max_attempts: int
+    chosen: bool = True  # the id came from the caller (it may exist already)
 
     def differences(self, task: Task, group_id: uuid.UUID | None) -> list[str]:
         """The fields in which an existing task differs from this spec (for idempotency)."""
@@ -207,6 +208,7 @@ def _prepare_one(
         spec.not_before,
         float(spec.timeout) if spec.timeout else None,
         attempts,
+        chosen=spec.id is not None,
     )
 
 

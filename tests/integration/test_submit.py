@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -59,6 +59,28 @@ def test_submit_one_task(queue: Queue) -> None:
     assert queue.get(task.id) == task
     (event,) = queue.events(task.id)
     assert (event.from_state, event.to_state, event.actor) == (None, State.NEW, "alice")
+
+
+def test_what_submit_returns_is_what_is_stored(queue: Queue) -> None:
+    """The tasks a submission returns (built from the rows it wrote, without reading them
+    back) equal what `get` reads: edges, locks, times in UTC, group, pending counts."""
+    elsewhere = timezone(timedelta(hours=-7))
+    first = queue.submit("guest.start", {"vm": "a"})
+    _, tasks = queue.submit_group(
+        [
+            TaskSpec("guest.start", {"vm": "b"}, name="b", after=[first.id], locks=["x", "a"]),
+            TaskSpec(
+                "guest.start",
+                {"vm": "c"},
+                after=["b", first.id],
+                not_before=datetime.now(elsewhere) + timedelta(minutes=5),
+            ),
+        ]
+    )
+    for task in (first, *tasks):
+        assert queue.get(task.id) == task
+        assert task.not_before.utcoffset() == timedelta(0)
+    assert [t.pending for t in tasks] == [1, 2]
 
 
 def test_group_dag_with_names_resolved(queue: Queue) -> None:

@@ -65,7 +65,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/tasks/{id}/cancel",
         OPER,
         "cancel",
-        "Cancel a new task and its dependents.",
+        "Cancel a new task and its dependents; ask a running or waiting one to stop.",
         "Cancel",
     ),
     Route(

@@ -39,6 +39,7 @@ import libvirt
 
 from taskomatic import defaults, errors
 from taskomatic.actions.registry import Check, Context, Param, Registry
+from taskomatic.actions.snapshot import HOST, SNAPSHOT, VM
 from taskomatic.jobs import HostJob, JobHooks, JobStatus
 from taskomatic.model import Host
 from taskomatic.submission import Expansion, TaskSpec
@@ -65,7 +66,6 @@ _NO_STORAGE = (
     libvirt.VIR_ERR_NO_STORAGE_POOL,
 )
 
-VM = Param(str, help="the VM (domain) name")
 PINNED = Param(str, help="the host the VM is on (the plan pins every step to it)")
 DISK = Param(str, help="the disk's target, e.g. vda")
 OVERLAY = Param(str, help="the overlay file the snapshot gave the disk")
@@ -79,8 +79,8 @@ def register(registry: Registry) -> None:
         "snapshot.plan_removal",
         params={
             "vm": VM,
-            "snapshot": Param(str, help="the snapshot name"),
-            "host": Param(str, default=None, help="pin to this host (default: where the VM is)"),
+            "snapshot": SNAPSHOT,
+            "host": HOST,
             "bandwidth": BANDWIDTH,
         },
         locks=_vm_lock,
@@ -110,7 +110,7 @@ def register(registry: Registry) -> None:
     )(delete_volume)
     registry.action(
         "snapshot.drop_metadata",
-        params={"vm": VM, "host": PINNED, "snapshot": Param(str, help="the snapshot name")},
+        params={"vm": VM, "host": PINNED, "snapshot": SNAPSHOT},
         locks=_vm_lock,
         check=check_drop_metadata,
         max_attempts=attempts,

@@ -628,6 +628,25 @@ def actions(app: App) -> None:
     app.out(listing, human)
 
 
+grace_option = click.option(
+    "--grace",
+    type=float,
+    default=defaults.SHUTDOWN_GRACE_SECONDS,
+    show_default=True,
+    help="Seconds running actions get to finish on SIGTERM/SIGINT.",
+)
+"""`--grace`, shared by the long-running commands (dispatcher, serve)."""
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with the task id as a field.",
+)
+"""`--log-format`, shared by the long-running commands (dispatcher, serve)."""
+
+
 @command(main, "dispatcher")
 @click.option(
     "--workers",
@@ -658,13 +677,7 @@ def actions(app: App) -> None:
     help="Seconds between sweeps taking over tasks whose lease expired.",
 )
 @click.option("--until-empty", is_flag=True, help="Exit once no task is new, running or waiting.")
-@click.option(
-    "--grace",
-    type=float,
-    default=defaults.SHUTDOWN_GRACE_SECONDS,
-    show_default=True,
-    help="Seconds running actions get to finish on SIGTERM/SIGINT.",
-)
+@grace_option
 @click.option(
     "--inventory/--no-inventory",
     default=True,
@@ -678,13 +691,7 @@ def actions(app: App) -> None:
     show_default=True,
     help="Seconds between full inventory syncs of every host.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(logs.FORMATS),
-    default="text",
-    show_default=True,
-    help="json: one object per line, with the task id as a field.",
-)
+@log_format_option
 def dispatcher(
     app: App,
     workers: int,

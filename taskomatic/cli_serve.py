@@ -12,7 +12,16 @@ import threading
 import click
 
 from taskomatic import defaults, errors, logs
-from taskomatic.cli import App, _user, command, main, on_stop_signals, service_queue
+from taskomatic.cli import (
+    App,
+    _user,
+    command,
+    grace_option,
+    log_format_option,
+    main,
+    on_stop_signals,
+    service_queue,
+)
 from taskomatic.tokens import Role, Tokens
 
 
@@ -89,20 +98,8 @@ def tokens_revoke(app: App, name: str) -> None:
     show_default=True,
     help="The dispatcher keeps the inventory of hosts current.",
 )
-@click.option(
-    "--grace",
-    type=float,
-    default=defaults.SHUTDOWN_GRACE_SECONDS,
-    show_default=True,
-    help="Seconds running actions get to finish on SIGTERM/SIGINT.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(logs.FORMATS),
-    default="text",
-    show_default=True,
-    help="json: one object per line, with the task id as a field.",
-)
+@grace_option
+@log_format_option
 def serve(
     app: App,
     bind: str,

@@ -402,30 +402,31 @@ def _commit_offline(found: Found, p: Mapping[str, Any], chain: Chain) -> dict[st
 
 
 def _point_disk_at(found: Found, disk: str, path: str, fmt: str) -> None:
-    """Redefine the stopped domain with the disk's source (and format) set to `path`."""
+    """Point the stopped domain's disk at `path` (in format `fmt`) in its persistent definition.
+
+    Only that disk device is replaced, inside libvirt: commits of the VM's other disks run in
+    parallel, and rewriting the whole domain would undo a neighbour's change made meanwhile.
+    """
     dom = found.domain
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    root = ET.fromstring(dom.XMLDesc(flags))
-    for elem in root.findall("devices/disk"):
-        target = elem.find("target")
-        if target is None or target.get("dev") != disk:
-            continue
-        if elem.get("type") != "file":
-            raise errors.ActionFailed(
-                f"disk {disk!r} of vm {dom.name()!r} is a {elem.get('type')} disk; only file "
-                "disks are merged offline (start the VM to merge it live)"
-            )
-        source = elem.find("source")
-        if source is None:
-            source = ET.SubElement(elem, "source")
-        source.set("file", path)
-        driver = elem.find("driver")
-        if driver is not None:
-            driver.set("type", fmt)
-        backing = elem.find("backingStore")
-        if backing is not None:
-            elem.remove(backing)
-    found.domain.connect().defineXML(ET.tostring(root, encoding="unicode"))
+    elem = _disk_element(dom, disk, flags)
+    if elem.get("type") != "file":
+        raise errors.ActionFailed(
+            f"disk {disk!r} of vm {dom.name()!r} is a {elem.get('type')} disk; only file "
+            "disks are merged offline (start the VM to merge it live)"
+        )
+    source = elem.find("source")
+    if source is None:
+        source = ET.SubElement(elem, "source")
+    source.set("file", path)
+    driver = elem.find("driver")
+    if driver is not None:
+        driver.set("type", fmt)
+    backing = elem.find("backingStore")
+    if backing is not None:
+        elem.remove(backing)
+    xml = ET.tostring(elem, encoding="unicode")
+    dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
 
 def poll_commit(ctx: Context, job: HostJob) -> JobStatus:

@@ -352,7 +352,9 @@ def test_removing_snapshots_of_a_stopped_vm_merges_them_offline_older_one_first(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=newer.id).tasks
-    assert queue.group(newer.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(newer.id).state == "complete", [
+        (t.action, t.error) for t in tasks if t.error and t.error["type"] != "PrerequisiteFailed"
+    ]
     assert {t.result["merged"] for t in tasks if t.action == "disk.commit"} == {"offline"}
     assert sources(dom, inactive) == {"vda": bases[0], "vdb": bases[1]}
     assert not second["vda"].exists() and not second["vdb"].exists()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import json
 import logging
+import re
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -32,11 +35,28 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock dete
 
 
 class PostgresStore(Store):
-    """Claims with SKIP LOCKED; wakes other processes with NOTIFY sent inside the transaction."""
+    """Claims with SKIP LOCKED; wakes other processes with NOTIFY sent inside the transaction.
+
+    Statements whose result nobody reads (new tasks and their edges, event rows, the
+    notification) are not sent on their own: they wait on the connection and go, joined
+    into one statement, before the next statement that returns rows or any SQLAlchemy
+    statement (so the transaction's order is kept), or with the COMMIT. A submission of
+    new tasks is then one statement and one round trip, committed by the server.
+    """
 
     def __init__(self, engine: sa.Engine, conninfo: str) -> None:
         super().__init__(engine)
         self.conninfo = conninfo
+        sa.event.listen(engine, "before_cursor_execute", _send_deferred_before)
+        sa.event.listen(engine, "commit", _send_deferred)
+        sa.event.listen(engine, "rollback", _drop_deferred)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        # As Store.write, with the deferred statements and the COMMIT in one round trip.
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+            _send_deferred(conn, commit=True)
 
     @classmethod
     def from_url(cls, url: sa.URL, **engine_kwargs: Any) -> PostgresStore:
@@ -55,7 +75,11 @@ class PostgresStore(Store):
         # Delivered only when (and if) this transaction commits; identical payloads in one
         # transaction collapse into one, so a batch costs one notification. The payload is
         # only the sender's token, so a process does not wake itself.
-        _raw(conn).execute("SELECT pg_notify(%s, %s)", (defaults.NOTIFY_CHANNEL, sender))
+        _defer(
+            conn,
+            "SELECT pg_notify(%(channel)s, %(sender)s)",
+            {"channel": defaults.NOTIFY_CHANNEL, "sender": sender},
+        )
 
     # -- the dispatcher's hot statements, one round trip each ----------------------------
     #
@@ -74,7 +98,8 @@ class PostgresStore(Store):
         rows = list(events)
         if not rows:
             return
-        _raw(conn).execute(
+        _defer(
+            conn,
             "INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
             "SELECT e.task_id, e.from_state, e.to_state, %(at)s, %(actor)s, e.message "
             "FROM unnest(%(ids)s::uuid[], %(src)s::text[], %(dst)s::text[], %(msg)s::text[]) "
@@ -100,7 +125,8 @@ class PostgresStore(Store):
         conn.info.pop(_DUE, None)
         while len(claimed) < limit:
             sql, constants = _claim_sql(limit - len(claimed))
-            cur = _raw(conn).execute(
+            names, values = _fetch(
+                conn,
                 sql,
                 {
                     **constants,
@@ -110,8 +136,7 @@ class PostgresStore(Store):
                     "actor": f"dispatcher:{owner}",
                 },
             )
-            names = [d.name for d in cur.description or ()]
-            rows = [_Row(names, values) for values in cur.fetchall()]
+            rows = [_Row(names, v) for v in values]
             if rows:  # when the next delayed task is due, read in the same statement
                 conn.info[_DUE] = (now, rows[0]._mapping["next_due"])
             # Dispatch order, as the runnable query picked them (RETURNING has no order).
@@ -150,7 +175,6 @@ class PostgresStore(Store):
         # With `known` (rows this transaction locked already), the read is left out.
         if not changes:
             return Moved({}, {})
-        raw = _raw(conn)
         allowed = sources(move)
         by_columns: dict[tuple[str, ...], list[Change]] = {}
         for change in changes:
@@ -173,7 +197,7 @@ class PostgresStore(Store):
                 convert = _array_of(col)[1]
                 params[f"c{i}"] = [convert(c.values[col]) for c in batch]
             sql = _move_sql(move, columns, owner is not None, known is None)
-            rows = raw.execute(sql, params).fetchall()
+            rows = _fetch(conn, sql, params)[1]
             found.update({r[0]: (State(r[1]), r[2]) for r in rows})
         moved: dict[uuid.UUID, State] = {}
         refused: dict[uuid.UUID, State | None] = {}
@@ -190,24 +214,58 @@ class PostgresStore(Store):
     ) -> None:
         # As Store.release_dependents: the dependents' counts from the prerequisites' index,
         # then each dependent updated by its primary key alone. Not one UPDATE … FROM the
-        # counts: with statistics taken before a burst of new tasks, PostgreSQL estimates
-        # one new task and hash-joins the counts with every new task (17 ms per cycle with
-        # 20,000 new tasks over 1,000,000 finished ones, measured).
+        # counts, nor one with `id = ANY(…)`: with statistics taken before a burst of new
+        # tasks, PostgreSQL estimates a handful of new tasks and hash-joins the counts with
+        # every new task (17 ms per cycle with 20,000 new tasks over 1,000,000 finished
+        # ones) or intersects the ids with the whole state index (1 ms per cycle).
         if not completed:
             return
-        raw = _raw(conn)
-        counts = raw.execute(
+        counts = _fetch(
+            conn,
             "SELECT task_id, count(*) FROM task_prerequisites "
-            "WHERE prerequisite_id = ANY(%s::uuid[]) GROUP BY task_id",
-            (list(completed),),
-        ).fetchall()
+            "WHERE prerequisite_id = ANY(%(ids)s::uuid[]) GROUP BY task_id",
+            {"ids": list(completed)},
+        )[1]
         if not counts:
             return
-        with raw.cursor() as cur:
-            cur.executemany(
-                "UPDATE tasks SET pending = pending - %s, updated_at = %s "
-                f"WHERE id = %s AND state = '{State.NEW.value}'",
-                [(done, now, tid) for tid, done in counts],
+        sql = (
+            "UPDATE tasks SET pending = pending - %s, updated_at = %s "
+            f"WHERE id = %s AND state = '{State.NEW.value}'"
+        )
+        with _as_dbapi_error(conn, sql, None), _raw(conn).cursor() as cur:
+            cur.executemany(sql, [(done, now, tid) for tid, done in counts])
+
+    def insert_tasks(
+        self,
+        conn: sa.Connection,
+        rows: list[dict[str, Any]],
+        edges: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        locks: Sequence[tuple[uuid.UUID, str]],
+    ) -> None:
+        # As Store.insert_tasks, each table in one statement of arrays, sent with the next
+        # statement (for a submission, with its COMMIT); `seq` comes from its sequence.
+        if not rows:
+            return
+        columns = tuple(rows[0])
+        sql = _insert_sql(columns)
+        _defer(
+            conn,
+            sql,
+            {f"c{i}": [_array_of(c)[1](r[c]) for r in rows] for i, c in enumerate(columns)},
+        )
+        if edges:
+            _defer(
+                conn,
+                "INSERT INTO task_prerequisites (task_id, prerequisite_id) "
+                "SELECT * FROM unnest(%(a)s::uuid[], %(b)s::uuid[])",
+                {"a": [a for a, _ in edges], "b": [b for _, b in edges]},
+            )
+        if locks:
+            _defer(
+                conn,
+                "INSERT INTO task_locks (task_id, key) "
+                "SELECT * FROM unnest(%(a)s::uuid[], %(b)s::text[])",
+                {"a": [a for a, _ in locks], "b": [k for _, k in locks]},
             )
 
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
@@ -246,6 +304,111 @@ class PostgresStore(Store):
 def _raw(conn: sa.Connection) -> psycopg.Connection[Any]:
     """The psycopg connection under `conn`, inside the same transaction."""
     return conn.connection.driver_connection  # type: ignore[return-value]
+
+
+# -- statements sent straight through psycopg ---------------------------------------------
+
+_DEFERRED = "taskomatic_deferred"  # conn.info key: [(sql, params)] not yet sent
+
+
+def _defer(conn: sa.Connection, sql: str, params: dict[str, Any]) -> None:
+    """Send `sql` (INSERT, UPDATE or SELECT; named parameters) later, with the transaction's
+    next round trip: nobody reads its result."""
+    conn.info.setdefault(_DEFERRED, []).append((sql, params))
+
+
+def _fetch(conn: sa.Connection, sql: str, params: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run `sql` after the deferred statements: (column names, rows)."""
+    _send_deferred(conn)
+    with _as_dbapi_error(conn, sql, params):
+        cur = _raw(conn).execute(sql, params)
+        return [d.name for d in cur.description or ()], cur.fetchall()
+
+
+def _send_deferred(conn: sa.Connection, commit: bool = False) -> None:
+    """Send the deferred statements as ONE statement, then COMMIT if asked.
+
+    When nothing of the transaction was sent yet (a submission), that statement is the
+    whole transaction: it runs on its own, committed by the server as it ends, so the
+    transaction is a single round trip."""
+    deferred = conn.info.pop(_DEFERRED, [])
+    raw = _raw(conn)
+    if not deferred:
+        if commit:
+            with _as_dbapi_error(conn, "COMMIT", None):
+                raw.commit()
+        return
+    sql, params = _combined(deferred)
+    with _as_dbapi_error(conn, sql, params):
+        alone = commit and raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if alone:
+            raw.autocommit = True  # no BEGIN: one statement is its own transaction
+            try:
+                raw.execute(sql, params)
+            finally:
+                raw.autocommit = False
+            return
+        raw.execute(sql, params)
+        if commit:
+            raw.commit()
+
+
+def _combined(statements: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Statements as one: each a common table expression (data-modifying ones run whether
+    read or not; SELECTs are read at the end), parameters renamed apart."""
+    if len(statements) == 1:
+        return statements[0]
+    parts, selects, params = [], [], {}
+    for i, (sql, values) in enumerate(statements):
+        renamed = _PARAM.sub(f"%(s{i}_" + r"\1)s", sql)
+        parts.append(f"s{i} AS ({renamed})")
+        params.update({f"s{i}_{k}": v for k, v in values.items()})
+        if sql.lstrip().upper().startswith("SELECT"):
+            selects.append(f"(SELECT count(*) FROM s{i})")
+    return f"WITH {', '.join(parts)} SELECT {', '.join(selects) or '1'}", params
+
+
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def _send_deferred_before(conn: sa.Connection, *_: Any) -> None:
+    """SQLAlchemy's `before_cursor_execute`: what was deferred goes first, keeping order."""
+    if not conn.invalidated and conn.info.get(_DEFERRED):
+        _send_deferred(conn)
+
+
+def _drop_deferred(conn: sa.Connection) -> None:
+    """SQLAlchemy's `rollback`: what was deferred was never sent and is not to be. (An
+    invalidated connection has lost its `info`, and what was deferred with it.)"""
+    if not conn.invalidated:
+        conn.info.pop(_DEFERRED, None)
+
+
+@contextlib.contextmanager
+def _as_dbapi_error(conn: sa.Connection, sql: str, params: Any) -> Iterator[None]:
+    """psycopg's errors as SQLAlchemy's, as if SQLAlchemy had run the statement: the queue's
+    retries and messages see one kind of error."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        conn.info.pop(_DEFERRED, None)
+        # A broken connection is dropped by SQLAlchemy's rollback, which follows.
+        raise sa.exc.DBAPIError.instance(
+            sql, params, exc, psycopg.Error, connection_invalidated=_raw(conn).broken
+        ) from exc
+
+
+@functools.cache
+def _insert_sql(columns: tuple[str, ...]) -> str:
+    """INSERT of task rows given as one array parameter per column (c0, c1, …), in order."""
+    arrays = ", ".join(_array_param(f"c{i}", c) for i, c in enumerate(columns))
+    values = ", ".join(_element(f"v.c{i}", c) for i, c in enumerate(columns))
+    names = ", ".join(f"c{i}" for i in range(len(columns)))
+    # `seq` from its sequence, in the order of the arrays: the order of submission.
+    return (
+        f"INSERT INTO tasks (seq, {', '.join(columns)}) "
+        f"SELECT nextval('{s.task_seq.name}'), {values} FROM unnest({arrays}) AS v({names})"
+    )
 
 
 @functools.cache
@@ -350,7 +513,24 @@ def _array_of(column: str) -> tuple[str, Callable[[Any], Any]]:
         if getattr(col.type, "none_as_null", False):
             return "jsonb", lambda v: None if v is None else json.dumps(v)
         return "jsonb", json.dumps
-    return col.type.compile(dialect=postgresql.dialect()), lambda v: v
+    return col.type.compile(dialect=postgresql.dialect()), _plain
+
+
+def _plain(value: Any) -> Any:
+    """A value as psycopg should send it: an enum member as its value (psycopg would send
+    its name)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _array_param(name: str, column: str) -> str:
+    """`%(name)s` cast to an array of `column`'s type (JSON travels as text)."""
+    kind = _array_of(column)[0]
+    return f"%({name})s::{'text' if kind == 'jsonb' else kind}[]"
+
+
+def _element(ref: str, column: str) -> str:
+    """`ref`, an element of such an array, as `column`'s type."""
+    return f"{ref}::jsonb" if _array_of(column)[0] == "jsonb" else ref
 
 
 def _allows(
@@ -367,15 +547,9 @@ def _move_sql(move: Move, columns: tuple[str, ...], guard_owner: bool, lock: boo
     """One guarded move of rows setting `columns`: lock them (if `lock`; otherwise this
     transaction has), update those in an allowed state (and of `owner`), append their events,
     and return (id, state, owner) of every row found, as it was under the lock."""
-    arrays = "".join(
-        f", %(c{i})s::{'text' if _array_of(col)[0] == 'jsonb' else _array_of(col)[0]}[]"
-        for i, col in enumerate(columns)
-    )
+    arrays = "".join(f", {_array_param(f'c{i}', col)}" for i, col in enumerate(columns))
     names = "".join(f", c{i}" for i in range(len(columns)))
-    sets = "".join(
-        f", {col} = v.c{i}{'::jsonb' if _array_of(col)[0] == 'jsonb' else ''}"
-        for i, col in enumerate(columns)
-    )
+    sets = "".join(f", {col} = {_element(f'v.c{i}', col)}" for i, col in enumerate(columns))
     arrival = " ".join(
         f"WHEN '{src.value}' THEN '{target(move, src).value}'" for src in sources(move)
     )

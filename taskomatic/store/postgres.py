@@ -312,8 +312,11 @@ _DEFERRED = "taskomatic_deferred"  # conn.info key: [(sql, params)] not yet sent
 
 
 def _defer(conn: sa.Connection, sql: str, params: dict[str, Any]) -> None:
-    """Send `sql` (INSERT, UPDATE or SELECT; named parameters) later, with the transaction's
-    next round trip: nobody reads its result."""
+    """Send `sql` later, with the transaction's next round trip: nobody reads its result.
+
+    An INSERT or a SELECT with named parameters: deferred statements are joined into one,
+    whose parts share a snapshot, so none may depend on another's rows but through foreign
+    keys (checked at the end of the statement)."""
     conn.info.setdefault(_DEFERRED, []).append((sql, params))
 
 

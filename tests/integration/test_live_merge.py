@@ -99,6 +99,14 @@ def context(lab: QemuLab, queue: Queue, action: str, params: Mapping[str, Any]) 
     )
 
 
+def root_errors(tasks: list[Task]) -> list[tuple[str, Any]]:
+    """The errors of a group's failed steps, without the dependents they cancelled: the
+    message of a failed assertion on the group's state."""
+    return [
+        (t.action, t.error) for t in tasks if t.error and t.error["type"] != "PrerequisiteFailed"
+    ]
+
+
 def wait_for(queue: Queue, group: uuid.UUID, disk: str, seen: Callable[[Task], bool]) -> Task:
     """The group's commit of `disk` once `seen` holds for it (a minute at most)."""
     deadline = time.monotonic() + 60
@@ -194,7 +202,7 @@ def test_removing_a_snapshot_of_a_running_vm_merges_both_disks_live(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=group.id).tasks
-    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(group.id).state == "complete", root_errors(tasks)
     assert dom.isActive()  # the VM ran throughout
     for target, base in zip(("vda", "vdb"), bases, strict=True):
         assert live_chain(dom, target) == [str(base)]  # no backingStore: the overlay is gone
@@ -240,7 +248,7 @@ def test_a_throttled_commit_is_seen_waiting_while_it_moves_and_disks_merge_in_pa
             time.sleep(0.1)
 
     tasks = queue.list(group=group.id).tasks
-    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(group.id).state == "complete", root_errors(tasks)
     for target in ("vda", "vdb"):
         waiting = [s[target] for s in samples if target in s and s[target][0] == State.WAITING]
         assert len(waiting) >= 3, f"{target} was seen waiting {len(waiting)} time(s)"
@@ -311,7 +319,7 @@ def test_cancelling_a_commit_aborts_it_on_the_host_and_leaves_the_disk_on_its_ov
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=again.id).tasks
-    assert queue.group(again.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(again.id).state == "complete", root_errors(tasks)
     merged = {t.params["disk"]: t.result["merged"] for t in tasks if t.action == "disk.commit"}
     assert merged == {"vda": "live", "vdb": "already"}
     assert live_chain(dom, "vda") == [str(bases[0])] and not overlays["vda"].exists()
@@ -337,7 +345,7 @@ def test_removing_snapshots_of_a_stopped_vm_merges_them_offline_older_one_first(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=older.id).tasks
-    assert queue.group(older.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(older.id).state == "complete", root_errors(tasks)
     assert not dom.isActive()
     for target, base in zip(("vda", "vdb"), bases, strict=True):
         assert backing_chain(second[target]) == [str(second[target]), str(base)]
@@ -352,9 +360,7 @@ def test_removing_snapshots_of_a_stopped_vm_merges_them_offline_older_one_first(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=newer.id).tasks
-    assert queue.group(newer.id).state == "complete", [
-        (t.action, t.error) for t in tasks if t.error and t.error["type"] != "PrerequisiteFailed"
-    ]
+    assert queue.group(newer.id).state == "complete", root_errors(tasks)
     assert {t.result["merged"] for t in tasks if t.action == "disk.commit"} == {"offline"}
     assert sources(dom, inactive) == {"vda": bases[0], "vdb": bases[1]}
     assert not second["vda"].exists() and not second["vdb"].exists()
@@ -379,7 +385,7 @@ def test_removing_an_older_snapshot_of_a_running_vm_commits_below_the_newer_one(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=group.id).tasks
-    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(group.id).state == "complete", root_errors(tasks)
     for target, base in zip(("vda", "vdb"), bases, strict=True):
         assert live_chain(dom, target) == [str(second[target]), str(base)]  # s2's stays on top
         assert not first[target].exists()
@@ -409,7 +415,7 @@ def test_a_commit_outlives_its_dispatcher_and_the_next_one_follows_the_same_job(
     Dispatcher(queue, fleet=Fleet(queue.hosts, lab.connections)).run(until_empty=True)
 
     tasks = queue.list(group=group.id).tasks
-    assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+    assert queue.group(group.id).state == "complete", root_errors(tasks)
     commit = queue.get(commit.id)
     assert (commit.attempt, commit.result["merged"]) == (1, "live")
     messages = [e.message for e in queue.events(commit.id)]
@@ -533,7 +539,7 @@ def test_a_dispatcher_killed_mid_commit_is_followed_by_one_that_finishes_the_sam
             if second is not None:
                 second.kill()
         tasks = queue.list(group=group.id).tasks
-        assert queue.group(group.id).state == "complete", [(t.action, t.error) for t in tasks]
+        assert queue.group(group.id).state == "complete", root_errors(tasks)
         commit = queue.get(commit.id)
         messages = [e.message for e in queue.events(commit.id)]
         assert any(m.startswith("taken over") for m in messages), messages

@@ -233,9 +233,8 @@ class Queue:
                         raise errors.UnknownPrerequisite(p.id, a)
             if group:
                 self.store.insert_group(conn, group[0], group[1], created_by, now, group[2])
-            rows = [
-                _row(p, now, group_id, created_by, states, inside - set(existing)) for p in fresh
-            ]
+            fresh_inside = inside - set(existing)
+            rows = [_row(p, now, group_id, created_by, states, fresh_inside) for p in fresh]
             self.store.insert_tasks(
                 conn,
                 rows,

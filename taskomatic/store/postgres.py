@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg
+import psycopg.sql
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
@@ -74,12 +75,9 @@ class PostgresStore(Store):
     def notify(self, conn: sa.Connection, sender: str) -> None:
         # Delivered only when (and if) this transaction commits; identical payloads in one
         # transaction collapse into one, so a batch costs one notification. The payload is
-        # only the sender's token, so a process does not wake itself.
-        _defer(
-            conn,
-            "SELECT pg_notify(%(channel)s, %(sender)s)",
-            {"channel": defaults.NOTIFY_CHANNEL, "sender": sender},
-        )
+        # only the sender's token, so a process does not wake itself. Without parameters,
+        # the statement can travel with the COMMIT (see `_send_deferred`).
+        _defer(conn, _notify_sql(defaults.NOTIFY_CHANNEL, sender), {})
 
     # -- the dispatcher's hot statements, one round trip each ----------------------------
     #
@@ -217,7 +215,9 @@ class PostgresStore(Store):
         # counts, nor one with `id = ANY(…)`: with statistics taken before a burst of new
         # tasks, PostgreSQL estimates a handful of new tasks and hash-joins the counts with
         # every new task (17 ms per cycle with 20,000 new tasks over 1,000,000 finished
-        # ones) or intersects the ids with the whole state index (1 ms per cycle).
+        # ones) or intersects the ids with the whole state index (1 ms per cycle). Nor in
+        # the statement of the completion: if that one waited for a submitter's share lock
+        # on the task, its snapshot predates the submitter's new edge.
         if not completed:
             return
         counts = _fetch(
@@ -325,7 +325,19 @@ def _fetch(conn: sa.Connection, sql: str, params: Any) -> tuple[list[str], list[
     _send_deferred(conn)
     with _as_dbapi_error(conn, sql, params):
         cur = _raw(conn).execute(sql, params)
-        return [d.name for d in cur.description or ()], cur.fetchall()
+        return _names(sql, cur), cur.fetchall()
+
+
+_NAMES: dict[str, list[str]] = {}  # statement -> its column names
+
+
+def _names(sql: str, cur: psycopg.Cursor[Any]) -> list[str]:
+    """The column names of `sql`'s rows, read from the first result only: psycopg builds
+    a description object per column at every call."""
+    names = _NAMES.get(sql)
+    if names is None:
+        names = _NAMES[sql] = [d.name for d in cur.description or ()]
+    return names
 
 
 def _send_deferred(conn: sa.Connection, commit: bool = False) -> None:
@@ -350,6 +362,10 @@ def _send_deferred(conn: sa.Connection, commit: bool = False) -> None:
                 raw.execute(sql, params)
             finally:
                 raw.autocommit = False
+            return
+        if commit and not params:
+            # Nothing to bind: statement and COMMIT go as one simple query, one round trip.
+            raw.execute(f"{sql}; COMMIT", prepare=False)
             return
         raw.execute(sql, params)
         if commit:
@@ -399,6 +415,15 @@ def _as_dbapi_error(conn: sa.Connection, sql: str, params: Any) -> Iterator[None
         raise sa.exc.DBAPIError.instance(
             sql, params, exc, psycopg.Error, connection_invalidated=_raw(conn).broken
         ) from exc
+
+
+@functools.cache
+def _notify_sql(channel: str, payload: str) -> str:
+    """pg_notify with its arguments as literals, quoted by psycopg."""
+    statement = psycopg.sql.SQL("SELECT pg_notify({}, {})").format(
+        psycopg.sql.Literal(channel), psycopg.sql.Literal(payload)
+    )
+    return statement.as_string(None)
 
 
 @functools.cache

@@ -99,8 +99,8 @@ class PostgresStore(Store):
         _defer(
             conn,
             "INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
-            "SELECT e.task_id, e.from_state, e.to_state, %(at)s, %(actor)s, e.message "
-            "FROM unnest(%(ids)s::uuid[], %(src)s::text[], %(dst)s::text[], %(msg)s::text[]) "
+            "SELECT e.task_id, e.from_state, e.to_state, %(at)b, %(actor)b, e.message "
+            "FROM unnest(%(ids)b::uuid[], %(src)b::text[], %(dst)b::text[], %(msg)b::text[]) "
             "AS e(task_id, from_state, to_state, message)",
             {
                 "ids": [r[0] for r in rows],
@@ -223,14 +223,14 @@ class PostgresStore(Store):
         counts = _fetch(
             conn,
             "SELECT task_id, count(*) FROM task_prerequisites "
-            "WHERE prerequisite_id = ANY(%(ids)s::uuid[]) GROUP BY task_id",
+            "WHERE prerequisite_id = ANY(%(ids)b::uuid[]) GROUP BY task_id",
             {"ids": list(completed)},
         )[1]
         if not counts:
             return
         sql = (
-            "UPDATE tasks SET pending = pending - %s, updated_at = %s "
-            f"WHERE id = %s AND state = '{State.NEW.value}'"
+            "UPDATE tasks SET pending = pending - %b, updated_at = %b "
+            f"WHERE id = %b AND state = '{State.NEW.value}'"
         )
         with _as_dbapi_error(conn, sql, None), _raw(conn).cursor() as cur:
             cur.executemany(sql, [(done, now, tid) for tid, done in counts])
@@ -257,14 +257,14 @@ class PostgresStore(Store):
             _defer(
                 conn,
                 "INSERT INTO task_prerequisites (task_id, prerequisite_id) "
-                "SELECT * FROM unnest(%(a)s::uuid[], %(b)s::uuid[])",
+                "SELECT * FROM unnest(%(a)b::uuid[], %(b)b::uuid[])",
                 {"a": [a for a, _ in edges], "b": [b for _, b in edges]},
             )
         if locks:
             _defer(
                 conn,
                 "INSERT INTO task_locks (task_id, key) "
-                "SELECT * FROM unnest(%(a)s::uuid[], %(b)s::text[])",
+                "SELECT * FROM unnest(%(a)b::uuid[], %(b)b::text[])",
                 {"a": [a for a, _ in locks], "b": [k for _, k in locks]},
             )
 
@@ -379,7 +379,7 @@ def _combined(statements: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, di
         return statements[0]
     parts, selects, params = [], [], {}
     for i, (sql, values) in enumerate(statements):
-        renamed = _PARAM.sub(f"%(s{i}_" + r"\1)s", sql)
+        renamed = _PARAM.sub(f"%(s{i}_" + r"\1)b", sql)
         parts.append(f"s{i} AS ({renamed})")
         params.update({f"s{i}_{k}": v for k, v in values.items()})
         if sql.lstrip().upper().startswith("SELECT"):
@@ -387,7 +387,7 @@ def _combined(statements: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, di
     return f"WITH {', '.join(parts)} SELECT {', '.join(selects) or '1'}", params
 
 
-_PARAM = re.compile(r"%\((\w+)\)s")
+_PARAM = re.compile(r"%\((\w+)\)b")
 
 
 def _send_deferred_before(conn: sa.Connection, *_: Any) -> None:
@@ -510,10 +510,11 @@ def _claim_sql(limit: int) -> tuple[str, dict[str, Any]]:
     )
     compiled = statement.compile(dialect=_DIALECT)
     constants = {k: v for k, v in compiled.params.items() if k not in _CLAIM_PARAMS}
-    return str(compiled), constants
+    return _PARAM_TEXT.sub(r"%(\1)b", str(compiled)), constants
 
 
 _CLAIM_PARAMS = ("now", "owner", "lease_until", "actor")
+_PARAM_TEXT = re.compile(r"%\((\w+)\)s")  # SQLAlchemy's placeholders, text format
 _DUE = "taskomatic_next_due"  # conn.info key: (now, next due) as the last claim read it
 _DIALECT = pg_psycopg.dialect()
 
@@ -551,9 +552,9 @@ def _plain(value: Any) -> Any:
 
 
 def _array_param(name: str, column: str) -> str:
-    """`%(name)s` cast to an array of `column`'s type (JSON travels as text)."""
+    """`%(name)b` cast to an array of `column`'s type (JSON travels as text)."""
     kind = _array_of(column)[0]
-    return f"%({name})s::{'text' if kind == 'jsonb' else kind}[]"
+    return f"%({name})b::{'text' if kind == 'jsonb' else kind}[]"
 
 
 def _element(ref: str, column: str) -> str:
@@ -577,22 +578,24 @@ def _move_sql(move: Move, columns: tuple[str, ...], guard_owner: bool, lock: boo
     and return (id, state, owner) of every row found, as it was under the lock."""
     arrays = "".join(f", {_array_param(f'c{i}', col)}" for i, col in enumerate(columns))
     names = "".join(f", c{i}" for i in range(len(columns)))
-    sets = "".join(f", {col} = {_element(f'v.c{i}', col)}" for i, col in enumerate(columns))
+    sets = "".join(f", {col} = {_element(f'old.c{i}', col)}" for i, col in enumerate(columns))
     arrival = " ".join(
         f"WHEN '{src.value}' THEN '{target(move, src).value}'" for src in sources(move)
     )
-    owner = " AND old.owner = %(owner)s::uuid" if guard_owner else ""
+    owner = " AND old.owner = %(owner)b::uuid" if guard_owner else ""
     locking = " FOR UPDATE OF tasks" if lock else ""
+    # The new values ride along with the locked rows, so the UPDATE joins `old` to `tasks`
+    # by primary key alone: joined to the arrays again, PostgreSQL (expecting ten rows
+    # from an unnest) rescans them for every row, quadratic in the batch.
     return (
-        f"WITH v AS (SELECT * FROM unnest(%(ids)s::uuid[], %(msg)s::text[]{arrays}) "
-        f"AS v(id, msg{names})), "
-        "old AS (SELECT tasks.id, tasks.state, tasks.owner FROM tasks JOIN v "
-        f"ON tasks.id = v.id{locking}), "
+        f"WITH old AS (SELECT tasks.id, tasks.state, tasks.owner, v.msg{names} "
+        f"FROM unnest(%(ids)b::uuid[], %(msg)b::text[]{arrays}) AS v(id, msg{names}) "
+        f"JOIN tasks ON tasks.id = v.id{locking}), "
         f"u AS (UPDATE tasks SET state = CASE old.state {arrival} END, "
-        f"updated_at = %(now)s{sets} FROM v JOIN old ON old.id = v.id "
-        f"WHERE tasks.id = v.id AND old.state = ANY(%(allowed)s::text[]){owner} "
-        "RETURNING tasks.id, old.state AS src, tasks.state AS dst, v.msg), "
+        f"updated_at = %(now)b{sets} FROM old "
+        f"WHERE tasks.id = old.id AND old.state = ANY(%(allowed)b::text[]){owner} "
+        "RETURNING tasks.id, old.state AS src, tasks.state AS dst, old.msg), "
         "ev AS (INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
-        "SELECT id, src, dst, %(now)s, %(actor)s, msg FROM u) "
+        "SELECT id, src, dst, %(now)b, %(actor)b, msg FROM u) "
         "SELECT id, state, owner FROM old"
     )

@@ -176,7 +176,7 @@ def _pg_generic_claim(conn: sa.Connection, limit: int) -> dict[str, Any]:
                 order.append(match.group(1))
             return f"${order.index(match.group(1)) + 1}"
 
-        statement = re.sub(r"%\((\w+)\)s", number, sql)
+        statement = re.sub(r"%\((\w+)\)[sb]", number, sql)  # text or binary
         args = ", ".join(_pg_literal(values[k]) for k in order)
     else:
         query = (

@@ -62,7 +62,14 @@ class PostgresStore(Store):
     @classmethod
     def from_url(cls, url: sa.URL, **engine_kwargs: Any) -> PostgresStore:
         engine_kwargs.setdefault("pool_size", 10)
-        engine = sa.create_engine(url.set(drivername="postgresql+psycopg"), **engine_kwargs)
+        # Sessions in UTC: timestamps come back in the zone taskomatic uses throughout,
+        # with no conversion per value (and psycopg's fastest time zone).
+        connect_args = dict(engine_kwargs.pop("connect_args", {}))
+        theirs = connect_args.get("options", url.query.get("options"))
+        connect_args["options"] = " ".join(filter(None, [theirs, "-c TimeZone=UTC"]))
+        engine = sa.create_engine(
+            url.set(drivername="postgresql+psycopg"), connect_args=connect_args, **engine_kwargs
+        )
         conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         return cls(engine, conninfo)
 
@@ -520,15 +527,12 @@ _DIALECT = pg_psycopg.dialect()
 
 
 class _Row:
-    """A raw row as `Task.from_row` reads it, timestamps in UTC as UTCDateTime returns them."""
+    """A raw row as `Task.from_row` reads it (timestamps are in UTC: the session's zone)."""
 
     __slots__ = ("_mapping",)
 
     def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
-        self._mapping: dict[str, Any] = {
-            n: v.astimezone(UTC) if isinstance(v, datetime) else v
-            for n, v in zip(names, values, strict=True)
-        }
+        self._mapping: dict[str, Any] = dict(zip(names, values, strict=True))
 
 
 @functools.cache

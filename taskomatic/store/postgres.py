@@ -103,20 +103,20 @@ class PostgresStore(Store):
         rows = list(events)
         if not rows:
             return
+        source, columns = _rows(
+            "e",
+            {
+                "ids": ("uuid", [r[0] for r in rows]),
+                "src": ("text", [r[1].value if r[1] is not None else None for r in rows]),
+                "dst": ("text", [r[2].value for r in rows]),
+                "msg": ("text", [r[3] for r in rows]),
+            },
+        )
         _defer(
             conn,
             "INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
-            "SELECT e.task_id, e.from_state, e.to_state, %(at)b, %(actor)b, e.message "
-            "FROM unnest(%(ids)b::uuid[], %(src)b::text[], %(dst)b::text[], %(msg)b::text[]) "
-            "AS e(task_id, from_state, to_state, message)",
-            {
-                "ids": [r[0] for r in rows],
-                "src": [r[1].value if r[1] is not None else None for r in rows],
-                "dst": [r[2].value for r in rows],
-                "msg": [r[3] for r in rows],
-                "at": now,
-                "actor": actor,
-            },
+            f"SELECT e.ids, e.src, e.dst, %(at)b, %(actor)b, e.msg FROM {source}",
+            {**columns, "at": now, "actor": actor},
         )
 
     def claim(
@@ -253,13 +253,15 @@ class PostgresStore(Store):
         # statement (for a submission, with its COMMIT); `seq` comes from its sequence.
         if not rows:
             return
-        columns = tuple(rows[0])
-        sql = _insert_sql(columns)
-        _defer(
-            conn,
-            sql,
-            {f"c{i}": [_array_of(c)[1](r[c]) for r in rows] for i, c in enumerate(columns)},
+        names = tuple(rows[0])
+        source, columns = _rows(
+            "v",
+            {
+                f"c{i}": (_array_of(c)[0], [_array_of(c)[1](r[c]) for r in rows])
+                for i, c in enumerate(names)
+            },
         )
+        _defer(conn, _insert_sql(names, source), columns)
         if edges:
             _defer(
                 conn,
@@ -384,14 +386,20 @@ def _combined(statements: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, di
     read or not; SELECTs are read at the end), parameters renamed apart."""
     if len(statements) == 1:
         return statements[0]
-    parts, selects, params = [], [], {}
-    for i, (sql, values) in enumerate(statements):
+    sql = _combined_sql(tuple(sql for sql, _ in statements))
+    params = {f"s{i}_{k}": v for i, (_, values) in enumerate(statements) for k, v in values.items()}
+    return sql, params
+
+
+@functools.cache
+def _combined_sql(statements: tuple[str, ...]) -> str:
+    parts, selects = [], []
+    for i, sql in enumerate(statements):
         renamed = _PARAM.sub(f"%(s{i}_" + r"\1)b", sql)
         parts.append(f"s{i} AS ({renamed})")
-        params.update({f"s{i}_{k}": v for k, v in values.items()})
         if sql.lstrip().upper().startswith("SELECT"):
             selects.append(f"(SELECT count(*) FROM s{i})")
-    return f"WITH {', '.join(parts)} SELECT {', '.join(selects) or '1'}", params
+    return f"WITH {', '.join(parts)} SELECT {', '.join(selects) or '1'}"
 
 
 _PARAM = re.compile(r"%\((\w+)\)b")
@@ -434,16 +442,39 @@ def _notify_sql(channel: str, payload: str) -> str:
 
 
 @functools.cache
-def _insert_sql(columns: tuple[str, ...]) -> str:
-    """INSERT of task rows given as one array parameter per column (c0, c1, …), in order."""
-    arrays = ", ".join(_array_param(f"c{i}", c) for i, c in enumerate(columns))
+def _insert_sql(columns: tuple[str, ...], source: str) -> str:
+    """INSERT of task rows from `source`, whose columns c0, c1, … are `columns` in order."""
     values = ", ".join(_element(f"v.c{i}", c) for i, c in enumerate(columns))
-    names = ", ".join(f"c{i}" for i in range(len(columns)))
-    # `seq` from its sequence, in the order of the arrays: the order of submission.
+    # `seq` from its sequence, in the order of the rows: the order of submission.
     return (
         f"INSERT INTO tasks (seq, {', '.join(columns)}) "
-        f"SELECT nextval('{s.task_seq.name}'), {values} FROM unnest({arrays}) AS v({names})"
+        f"SELECT nextval('{s.task_seq.name}'), {values} FROM {source}"
     )
+
+
+def _rows(alias: str, columns: Mapping[str, tuple[str, list[Any]]]) -> tuple[str, dict[str, Any]]:
+    """Rows given column by column ({name: (SQL type, values)}) as a FROM item `alias`
+    with columns of those names, and its parameters: one array per column (`unnest`), or
+    for a single row one value per column (`VALUES`), which psycopg dumps several times
+    faster than the same values as arrays (a single submission is the common call)."""
+    one = len(next(iter(columns.values()))[1]) == 1
+    source = _source(alias, tuple((n, kind) for n, (kind, _) in columns.items()), one)
+    return source, {n: values[0] if one else values for n, (_, values) in columns.items()}
+
+
+@functools.cache
+def _source(alias: str, columns: tuple[tuple[str, str], ...], one: bool) -> str:
+    names = ", ".join(n for n, _ in columns)
+    if one:
+        values = ", ".join(f"%({n})b::{_wire(kind)}" for n, kind in columns)
+        return f"(VALUES ({values})) AS {alias}({names})"
+    arrays = ", ".join(f"%({n})b::{_wire(kind)}[]" for n, kind in columns)
+    return f"unnest({arrays}) AS {alias}({names})"
+
+
+def _wire(kind: str) -> str:
+    """The type a value of SQL type `kind` travels as: JSON as text, cast on arrival."""
+    return "text" if kind == "jsonb" else kind
 
 
 @functools.cache
@@ -557,8 +588,7 @@ def _plain(value: Any) -> Any:
 
 def _array_param(name: str, column: str) -> str:
     """`%(name)b` cast to an array of `column`'s type (JSON travels as text)."""
-    kind = _array_of(column)[0]
-    return f"%({name})b::{'text' if kind == 'jsonb' else kind}[]"
+    return f"%({name})b::{_wire(_array_of(column)[0])}[]"
 
 
 def _element(ref: str, column: str) -> str:

@@ -1,6 +1,6 @@
 -- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
 
--- Schema version 4.
+-- Schema version 5.
 
 CREATE SEQUENCE tasks_seq;
 
@@ -134,7 +134,7 @@ CREATE INDEX tasks_leased ON tasks (lease_until) WHERE state IN ('running', 'wai
 
 CREATE INDEX tasks_ready ON tasks (priority DESC, seq) WHERE state = 'new' AND pending = 0;
 
-CREATE INDEX tasks_scheduled ON tasks (not_before) WHERE state = 'new' AND pending = 0;
+CREATE INDEX tasks_scheduled ON tasks (not_before) WHERE state = 'new' AND pending = 0 AND priority IS NOT NULL;
 
 CREATE INDEX tasks_state_seq ON tasks (state, seq);
 

@@ -11,12 +11,13 @@ from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from taskomatic.model import LIVE, HostState, State
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
 
-ADDITIVE_UPGRADES = frozenset({1, 2, 3})
-"""Versions `db init` upgrades by creating the tables and columns they lack (2 added the
-inventory, 3 the API tokens, 4 the host jobs, stop requests and compensation of tasks)."""
+ADDITIVE_UPGRADES = frozenset({1, 2, 3, 4})
+"""Versions `db init` upgrades in place, creating the tables, columns and indexes they lack
+or define otherwise (2 added the inventory, 3 the API tokens, 4 the host jobs, stop
+requests and compensation of tasks, 5 redefined the index of delayed tasks)."""
 
 ADDED_COLUMNS: dict[int, tuple[tuple[str, str], ...]] = {
     4: (
@@ -27,6 +28,9 @@ ADDED_COLUMNS: dict[int, tuple[tuple[str, str], ...]] = {
     ),
 }
 """(table, column) each version added to an existing table: `db init` adds them."""
+
+REPLACED_INDEXES: dict[int, tuple[str, ...]] = {5: ("tasks_scheduled",)}
+"""Indexes each version redefined under the same name: `db init` drops and re-creates them."""
 
 TOKEN_ROLES = ("viewer", "operator", "admin")
 """The roles of API tokens, each allowing what the one before it does and more."""
@@ -137,11 +141,17 @@ sa.Index(
     sqlite_where=sa.text(f"state IN ({LIVE_STATES})"),
 )
 # The next not_before among blocked-by-time tasks, so the dispatcher can set its timer.
+# `priority IS NOT NULL` holds for every row: it is there so that only a query that says
+# it (the next due time's) may use this index. The runnable query, which does not, then
+# always walks tasks_ready in dispatch order. Otherwise, with statistics taken before a
+# burst of new tasks (an ANALYZE sees none), PostgreSQL would read every ready task here
+# and sort them for each claim: 33 ms per claim with 20,000 ready over 1,000,000 finished.
+SCHEDULED = "state = 'new' AND pending = 0 AND priority IS NOT NULL"
 sa.Index(
     "tasks_scheduled",
     tasks.c.not_before,
-    postgresql_where=sa.text("state = 'new' AND pending = 0"),
-    sqlite_where=sa.text("state = 'new' AND pending = 0"),
+    postgresql_where=sa.text(SCHEDULED),
+    sqlite_where=sa.text(SCHEDULED),
 )
 sa.Index("tasks_state_seq", tasks.c.state, tasks.c.seq)
 sa.Index("tasks_group", tasks.c.group_id, postgresql_where=sa.text("group_id IS NOT NULL"))

@@ -38,6 +38,8 @@ t = s.tasks
 # cannot prove the index predicate and scans the history.
 _IS_NEW = t.c.state == sa.literal_column(f"'{State.NEW.value}'")
 _READY = sa.and_(_IS_NEW, t.c.pending == sa.literal_column("0"))
+# Ready tasks as the index of delayed ones names them (see tasks_scheduled in schema.py).
+_SCHEDULED = sa.and_(_READY, t.c.priority.is_not(None))
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,10 @@ class Store(InventoryStatements, ObserveStatements):
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
             elif max(found) in s.ADDITIVE_UPGRADES:
-                # create_all above added the tables that version lacked; add its columns.
+                # create_all above added the tables that version lacked; add its columns
+                # and re-create the indexes defined since.
                 self._add_columns(conn, max(found))
+                self._replace_indexes(conn, max(found))
                 conn.execute(
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
@@ -136,6 +140,14 @@ class Store(InventoryStatements, ObserveStatements):
                 spec = sa.schema.CreateColumn(s.metadata.tables[table].c[column])
                 ddl = spec.compile(dialect=conn.dialect)
                 conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
+
+    def _replace_indexes(self, conn: sa.Connection, since: int) -> None:
+        """DROP and CREATE each index versions after `since` redefined."""
+        indexes = {str(i.name): i for table in s.metadata.tables.values() for i in table.indexes}
+        for version in range(since + 1, s.SCHEMA_VERSION + 1):
+            for name in s.REPLACED_INDEXES.get(version, ()):
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+                indexes[name].create(conn)
 
     def schema_version(self) -> int | None:
         """The recorded schema version, or None when `db init` has not run."""
@@ -245,7 +257,7 @@ class Store(InventoryStatements, ObserveStatements):
     def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
         """When the next unblocked task's not_before passes (to set the dispatcher's timer)."""
         return conn.execute(
-            sa.select(sa.func.min(t.c.not_before)).where(_READY, t.c.not_before > now)
+            sa.select(sa.func.min(t.c.not_before)).where(_SCHEDULED, t.c.not_before > now)
         ).scalar()
 
     # -- claim -----------------------------------------------------------------------------

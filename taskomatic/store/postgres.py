@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from taskomatic import defaults
 from taskomatic import schema as s
 from taskomatic.model import Move, State, Task, sources, target
-from taskomatic.store.base import _READY, Change, Moved, Store
+from taskomatic.store.base import _SCHEDULED, Change, Moved, Store
 
 log = logging.getLogger(__name__)
 
@@ -534,7 +534,7 @@ def _claim_sql(limit: int) -> tuple[str, dict[str, Any]]:
     )
     due = (
         sa.select(sa.func.min(t.c.not_before))
-        .where(_READY, t.c.not_before > now)
+        .where(_SCHEDULED, t.c.not_before > now)
         .scalar_subquery()
         .label("next_due")
     )

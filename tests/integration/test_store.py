@@ -341,8 +341,8 @@ def test_db_init_adds_the_host_job_columns_to_a_version_3_database(db_url: str) 
                 conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
             conn.execute(s.schema_version.delete())
             conn.execute(s.schema_version.insert().values(version=3, applied_at=queue.now()))
-        assert queue.init_db() == s.SCHEMA_VERSION == 4
-        assert queue.store.schema_version() == 4
+        assert queue.init_db() == s.SCHEMA_VERSION
+        assert queue.store.schema_version() == s.SCHEMA_VERSION
         task = queue.get(kept.id)
         assert (task.state, task.job, task.stop_request, task.compensates) == (
             State.NEW,
@@ -350,3 +350,41 @@ def test_db_init_adds_the_host_job_columns_to_a_version_3_database(db_url: str) 
             None,
             None,
         )
+
+
+def _index_definition(queue: Queue, name: str) -> str:
+    """The CREATE INDEX statement the database holds for `name`."""
+    with queue.store.read() as conn:
+        if conn.dialect.name == "postgresql":
+            query = "SELECT indexdef FROM pg_indexes WHERE indexname = :name"
+        else:
+            query = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :name"
+        return str(conn.execute(sa.text(query), {"name": name}).scalar_one())
+
+
+def test_db_init_redefines_the_index_of_delayed_tasks_of_a_version_4_database(
+    db_url: str,
+) -> None:
+    """A version 4 database's index of delayed tasks (one the runnable query could use, and
+    with stale statistics did, sorting every ready task per claim) is re-created by `db
+    init`; what was queued stays, and the next due time is still found."""
+    with Queue.open(db_url) as queue:
+        soon = queue.now() + timedelta(hours=1)
+        delayed = queue.submit("noop", not_before=soon)
+        with queue.store.write() as conn:
+            conn.execute(sa.text("DROP INDEX tasks_scheduled"))
+            conn.execute(
+                sa.text(
+                    "CREATE INDEX tasks_scheduled ON tasks (not_before) "
+                    "WHERE state = 'new' AND pending = 0"
+                )
+            )
+            conn.execute(s.schema_version.delete())
+            conn.execute(s.schema_version.insert().values(version=4, applied_at=queue.now()))
+        assert "priority IS NOT NULL" not in _index_definition(queue, "tasks_scheduled")
+
+        assert queue.init_db() == s.SCHEMA_VERSION
+        assert "priority IS NOT NULL" in _index_definition(queue, "tasks_scheduled")
+        assert queue.get(delayed.id).state is State.NEW
+        with queue.store.read() as conn:
+            assert queue.store.next_due(conn, queue.now()) == soon

@@ -65,8 +65,9 @@ class PostgresStore(Store):
         # Sessions in UTC: timestamps come back in the zone taskomatic uses throughout,
         # with no conversion per value (and psycopg's fastest time zone).
         connect_args = dict(engine_kwargs.pop("connect_args", {}))
-        theirs = connect_args.get("options", url.query.get("options"))
-        connect_args["options"] = " ".join(filter(None, [theirs, "-c TimeZone=UTC"]))
+        theirs = connect_args.get("options", url.query.get("options")) or ()
+        theirs = (theirs,) if isinstance(theirs, str) else tuple(theirs)
+        connect_args["options"] = " ".join([*theirs, "-c TimeZone=UTC"])
         engine = sa.create_engine(
             url.set(drivername="postgresql+psycopg"), connect_args=connect_args, **engine_kwargs
         )
@@ -190,18 +191,22 @@ class PostgresStore(Store):
                 batch = [c for c in batch if _allows(known.get(c.task_id), allowed, owner)]
                 if not batch:
                     continue
-            params: dict[str, Any] = {
-                "ids": [c.task_id for c in batch],
-                "msg": [c.message for c in batch],
-                "now": now,
-                "actor": actor,
-                "owner": owner,
-                "allowed": [a.value for a in allowed],
-            }
-            for i, col in enumerate(columns):
-                convert = _array_of(col)[1]
-                params[f"c{i}"] = [convert(c.values[col]) for c in batch]
-            sql = _move_sql(move, columns, owner is not None, known is None)
+            source, params = _rows(
+                "v",
+                {
+                    "id": ("uuid", [c.task_id for c in batch]),
+                    "msg": ("text", [c.message for c in batch]),
+                    **{
+                        f"c{i}": (
+                            _array_of(col)[0],
+                            [_array_of(col)[1](c.values[col]) for c in batch],
+                        )
+                        for i, col in enumerate(columns)
+                    },
+                },
+            )
+            params.update(now=now, actor=actor, owner=owner, allowed=[a.value for a in allowed])
+            sql = _move_sql(move, columns, owner is not None, known is None, source)
             rows = _fetch(conn, sql, params)[1]
             found.update({r[0]: (State(r[1]), r[2]) for r in rows})
         moved: dict[uuid.UUID, State] = {}
@@ -586,11 +591,6 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _array_param(name: str, column: str) -> str:
-    """`%(name)b` cast to an array of `column`'s type (JSON travels as text)."""
-    return f"%({name})b::{_wire(_array_of(column)[0])}[]"
-
-
 def _element(ref: str, column: str) -> str:
     """`ref`, an element of such an array, as `column`'s type."""
     return f"{ref}::jsonb" if _array_of(column)[0] == "jsonb" else ref
@@ -606,12 +606,14 @@ def _allows(
 
 
 @functools.cache
-def _move_sql(move: Move, columns: tuple[str, ...], guard_owner: bool, lock: bool) -> str:
+def _move_sql(
+    move: Move, columns: tuple[str, ...], guard_owner: bool, lock: bool, source: str
+) -> str:
     """One guarded move of rows setting `columns`: lock them (if `lock`; otherwise this
     transaction has), update those in an allowed state (and of `owner`), append their events,
-    and return (id, state, owner) of every row found, as it was under the lock."""
-    arrays = "".join(f", {_array_param(f'c{i}', col)}" for i, col in enumerate(columns))
-    names = "".join(f", c{i}" for i in range(len(columns)))
+    and return (id, state, owner) of every row found, as it was under the lock. `source` is
+    the FROM item `v` (id, msg, c0, c1, …) of the rows and their new values (`_rows`)."""
+    names = "".join(f", v.c{i}" for i in range(len(columns)))
     sets = "".join(f", {col} = {_element(f'old.c{i}', col)}" for i, col in enumerate(columns))
     arrival = " ".join(
         f"WHEN '{src.value}' THEN '{target(move, src).value}'" for src in sources(move)
@@ -623,8 +625,7 @@ def _move_sql(move: Move, columns: tuple[str, ...], guard_owner: bool, lock: boo
     # from an unnest) rescans them for every row, quadratic in the batch.
     return (
         f"WITH old AS (SELECT tasks.id, tasks.state, tasks.owner, v.msg{names} "
-        f"FROM unnest(%(ids)b::uuid[], %(msg)b::text[]{arrays}) AS v(id, msg{names}) "
-        f"JOIN tasks ON tasks.id = v.id{locking}), "
+        f"FROM {source} JOIN tasks ON tasks.id = v.id{locking}), "
         f"u AS (UPDATE tasks SET state = CASE old.state {arrival} END, "
         f"updated_at = %(now)b{sets} FROM old "
         f"WHERE tasks.id = old.id AND old.state = ANY(%(allowed)b::text[]){owner} "

@@ -388,3 +388,18 @@ def test_db_init_redefines_the_index_of_delayed_tasks_of_a_version_4_database(
         assert queue.get(delayed.id).state is State.NEW
         with queue.store.read() as conn:
             assert queue.store.next_due(conn, queue.now()) == soon
+
+
+def test_connection_options_in_the_url_are_kept(pg_url: str) -> None:
+    """Options a user puts in a PostgreSQL URL still apply, with the sessions in UTC that
+    the store adds; times come back in UTC."""
+    url = sa.make_url(pg_url).update_query_dict({"options": "-c application_name=fleet-ui"})
+    with Queue.open(url.render_as_string(hide_password=False)) as queue:
+        queue.init_db()
+        task = queue.submit("noop")
+        with queue.store.read() as conn:
+            settings = conn.execute(
+                sa.text("SELECT current_setting('application_name'), current_setting('TimeZone')")
+            ).one()
+        assert tuple(settings) == ("fleet-ui", "UTC")
+        assert queue.get(task.id).created_at.utcoffset() == timedelta(0)

@@ -44,7 +44,11 @@ HOT_CALLS: tuple[tuple[str, Callable[[int], Call]], ...] = (
     ("safety poll (runnable)", lambda n: lambda s, c, now, ids: s.runnable(c, now, n)),
 )
 
-HISTORY_SCAN = re.compile(r"Seq Scan on (tasks|task_events)\b|\bSCAN (tasks|task_events)\b")
+# A whole-table read; a SQLite SCAN of a partial index over live tasks reads only those.
+HISTORY_SCAN = re.compile(
+    r"Seq Scan on (tasks|task_events)\b"
+    r"|\bSCAN (tasks|task_events)\b(?! USING (COVERING )?INDEX tasks_(ready|scheduled|leased)\b)"
+)
 
 
 @dataclass

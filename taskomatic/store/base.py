@@ -248,6 +248,9 @@ class Store(InventoryStatements, ObserveStatements):
             .where(_READY, t.c.not_before <= now)
             .where(~lock_held.exists())
             .order_by(t.c.priority.desc(), t.c.seq)
+            # SQLite otherwise reads every new task by state and sorts them (7 ms per claim
+            # with 20,000 new tasks); PostgreSQL finds the index itself.
+            .with_hint(t, "INDEXED BY tasks_ready", "sqlite")
         )
 
     def runnable(self, conn: sa.Connection, now: datetime, limit: int | None = None) -> list[Task]:
@@ -257,7 +260,9 @@ class Store(InventoryStatements, ObserveStatements):
     def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
         """When the next unblocked task's not_before passes (to set the dispatcher's timer)."""
         return conn.execute(
-            sa.select(sa.func.min(t.c.not_before)).where(_SCHEDULED, t.c.not_before > now)
+            sa.select(sa.func.min(t.c.not_before))
+            .where(_SCHEDULED, t.c.not_before > now)
+            .with_hint(t, "INDEXED BY tasks_scheduled", "sqlite")
         ).scalar()
 
     # -- claim -----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class SQLiteStore(Store):
             },
             **engine_kwargs,
         )
+        engine.dialect.statement_compiler = _Compiler
         sa.event.listen(engine, "connect", _on_connect)
         sa.event.listen(engine, "begin", _on_begin)
         return cls(engine, path)
@@ -104,3 +105,11 @@ def _on_begin(conn: sa.Connection) -> None:
     # IMMEDIATE takes the write lock up front: a read-then-write claim cannot be raced.
     readonly = conn.get_execution_options().get("taskomatic_readonly")
     conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+class _Compiler(sqlite.base.SQLiteCompiler):
+    """SQLite's statement compiler, with the table hints (`INDEXED BY …`) of `with_hint`,
+    which SQLAlchemy's leaves out."""
+
+    def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+        return text

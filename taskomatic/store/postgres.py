@@ -197,10 +197,7 @@ class PostgresStore(Store):
                     "id": ("uuid", [c.task_id for c in batch]),
                     "msg": ("text", [c.message for c in batch]),
                     **{
-                        f"c{i}": (
-                            _array_of(col)[0],
-                            [_array_of(col)[1](c.values[col]) for c in batch],
-                        )
+                        f"c{i}": _task_column(col, [c.values[col] for c in batch])
                         for i, col in enumerate(columns)
                     },
                 },
@@ -261,26 +258,23 @@ class PostgresStore(Store):
         names = tuple(rows[0])
         source, columns = _rows(
             "v",
-            {
-                f"c{i}": (_array_of(c)[0], [_array_of(c)[1](r[c]) for r in rows])
-                for i, c in enumerate(names)
-            },
+            {f"c{i}": _task_column(c, [r[c] for r in rows]) for i, c in enumerate(names)},
         )
         _defer(conn, _insert_sql(names, source), columns)
         if edges:
+            source, columns = _rows(
+                "e", {"a": ("uuid", [a for a, _ in edges]), "b": ("uuid", [b for _, b in edges])}
+            )
             _defer(
                 conn,
-                "INSERT INTO task_prerequisites (task_id, prerequisite_id) "
-                "SELECT * FROM unnest(%(a)b::uuid[], %(b)b::uuid[])",
-                {"a": [a for a, _ in edges], "b": [b for _, b in edges]},
+                f"INSERT INTO task_prerequisites (task_id, prerequisite_id) SELECT * FROM {source}",
+                columns,
             )
         if locks:
-            _defer(
-                conn,
-                "INSERT INTO task_locks (task_id, key) "
-                "SELECT * FROM unnest(%(a)b::uuid[], %(b)b::text[])",
-                {"a": [a for a, _ in locks], "b": [k for _, k in locks]},
+            source, columns = _rows(
+                "k", {"a": ("uuid", [a for a, _ in locks]), "b": ("text", [k for _, k in locks])}
             )
+            _defer(conn, f"INSERT INTO task_locks (task_id, key) SELECT * FROM {source}", columns)
 
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()
@@ -585,6 +579,12 @@ def _array_of(column: str) -> tuple[str, Callable[[Any], Any]]:
     return col.type.compile(dialect=postgresql.dialect()), _plain
 
 
+def _task_column(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """Values of a tasks `column` as `_rows` takes them: (SQL type, values as sent)."""
+    kind, convert = _array_of(column)
+    return kind, [convert(v) for v in values]
+
+
 def _plain(value: Any) -> Any:
     """A value as psycopg should send it: an enum member as its value (psycopg would send
     its name)."""
@@ -592,7 +592,7 @@ def _plain(value: Any) -> Any:
 
 
 def _element(ref: str, column: str) -> str:
-    """`ref`, an element of such an array, as `column`'s type."""
+    """`ref`, a column of a `_rows` source, as `column`'s type (JSON arrives as text)."""
     return f"{ref}::jsonb" if _array_of(column)[0] == "jsonb" else ref
 
 

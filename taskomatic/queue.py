@@ -156,6 +156,17 @@ class Queue:
             self.signal.fire()
         return out
 
+    def _as_left(
+        self, fn: Callable[[sa.Connection, datetime], builtins.list[uuid.UUID]]
+    ) -> Callable[[sa.Connection, datetime], builtins.list[Task]]:
+        """Wrap a write that returns task ids so that it returns those tasks as it left them:
+        read after the commit, a dispatcher could already have claimed one."""
+
+        def write(conn: sa.Connection, now: datetime) -> builtins.list[Task]:
+            return self.store.get_many(conn, fn(conn, now))
+
+        return write
+
     def _read(self, fn: Callable[[sa.Connection], T]) -> T:
         def attempt() -> T:
             with self.store.read() as conn:
@@ -411,7 +422,7 @@ class Queue:
     def cancel(
         self, task_id: uuid.UUID | str, reason: str = "cancelled", *, actor: str | None = None
     ) -> builtins.list[Task]:
-        """Cancel a `new` task and, transitively, its dependents; returns all cancelled.
+        """Cancel a `new` task and, transitively, its dependents; returns them as cancelled.
 
         A running or waiting task is asked to stop instead (a host job is aborted): it stays
         where it is, with its `stop_request`, until its run or job has ended, then ends
@@ -441,11 +452,11 @@ class Queue:
             self._settle_groups(conn, cancelled, now, who)
             return cancelled
 
-        ids = self._write(write)
-        return self._read(lambda conn: self.store.get_many(conn, ids))
+        return self._write(self._as_left(write))
 
     def retry(self, task_id: uuid.UUID | str, *, actor: str | None = None) -> builtins.list[Task]:
-        """Send a failed or cancelled task back to `new`, reviving the dependents it sank."""
+        """Send a failed or cancelled task back to `new`, reviving the dependents it sank;
+        returns them as the retry left them (a dispatcher may claim them at once)."""
         tid = _uuid(task_id)
         who = actor or self.actor
 
@@ -501,8 +512,7 @@ class Queue:
             self.store.recount_pending(conn, revived, now)
             return revived
 
-        ids = self._write(write)
-        return self._read(lambda conn: self.store.get_many(conn, ids))
+        return self._write(self._as_left(write))
 
     def collect(self, task_id: uuid.UUID | str) -> Task:
         """Mark a finished task's result as collected (retention may then prune it)."""

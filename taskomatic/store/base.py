@@ -59,6 +59,16 @@ class Moved:
     refused: dict[uuid.UUID, State | None]
 
 
+@dataclass(frozen=True)
+class Completed:
+    """What `Store.complete_and_claim` did, in its one transaction."""
+
+    moved: Moved
+    claimed: list[Task]  # those of `picked` without lock keys, started
+    picked: list[uuid.UUID]  # the runnable tasks it found, in dispatch order
+    next_due: datetime | None  # as `next_due`, read only when it picked something
+
+
 class Store(InventoryStatements, ObserveStatements):
     """SQL for both backends; a subclass per backend supplies the few dialect differences.
 
@@ -264,6 +274,23 @@ class Store(InventoryStatements, ObserveStatements):
             .where(_SCHEDULED, t.c.not_before > now)
             .with_hint(t, "INDEXED BY tasks_scheduled", "sqlite")
         ).scalar()
+
+    def complete_and_claim(
+        self,
+        conn: sa.Connection,
+        owner: uuid.UUID,
+        done: Sequence[Change],
+        now: datetime,
+        lease: timedelta,
+        limit: int,
+        sender: str,
+    ) -> Completed | None:
+        """The dispatcher's common cycle as ONE step on the server, as the whole transaction
+        of `conn`: complete `done` (running tasks of `owner` without lock keys or group, all
+        with the same columns), release their dependents, claim up to `limit` tasks without
+        lock keys, notify as `sender` if anything moved, commit. None where the backend has
+        no such step (or `conn` has begun already): the caller takes the general path."""
+        return None
 
     # -- claim -----------------------------------------------------------------------------
 

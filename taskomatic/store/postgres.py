@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from taskomatic import defaults
 from taskomatic import schema as s
 from taskomatic.model import Move, State, Task, sources, target
-from taskomatic.store.base import _SCHEDULED, Change, Moved, Store
+from taskomatic.store.base import _SCHEDULED, Change, Completed, Moved, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class PostgresStore(Store):
     def __init__(self, engine: sa.Engine, conninfo: str) -> None:
         super().__init__(engine)
         self.conninfo = conninfo
+        # Set when the role may not create the session's functions (no TEMPORARY privilege).
+        self._functions_refused = False
         sa.event.listen(engine, "before_cursor_execute", _send_deferred_before)
         sa.event.listen(engine, "commit", _send_deferred)
         sa.event.listen(engine, "rollback", _drop_deferred)
@@ -142,11 +145,9 @@ class PostgresStore(Store):
                     "actor": f"dispatcher:{owner}",
                 },
             )
-            rows = [_Row(names, v) for v in values]
+            rows = _in_dispatch_order([_Row(names, v) for v in values])
             if rows:  # when the next delayed task is due, read in the same statement
                 conn.info[_DUE] = (now, rows[0]._mapping["next_due"])
-            # Dispatch order, as the runnable query picked them (RETURNING has no order).
-            rows.sort(key=lambda r: (-r._mapping["priority"], r._mapping["seq"]))
             place = {r._mapping["id"]: i for i, r in enumerate(rows)}
             started = [Task.from_row(r) for r in rows if r._mapping["started"]]
             keyed = [Task.from_row(r) for r in rows if not r._mapping["started"]]
@@ -156,6 +157,85 @@ class PostgresStore(Store):
             if len(chosen) == len(keyed):
                 break  # no lock conflict: nothing more to find
         return claimed
+
+    def complete_and_claim(
+        self,
+        conn: sa.Connection,
+        owner: uuid.UUID,
+        done: Sequence[Change],
+        now: datetime,
+        lease: timedelta,
+        limit: int,
+        sender: str,
+    ) -> Completed | None:
+        # One call of a function of this session (`_cycle_function`), made of the same
+        # statements as `move`, `release_dependents` and `claim`: one round trip, committed
+        # by the server as the call ends.
+        raw = _raw(conn)
+        columns = tuple(sorted(done[0].values)) if done else ()
+        if (
+            conn.info.get(_DEFERRED)
+            or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            or any(tuple(sorted(c.values)) != columns for c in done)
+        ):
+            return None
+        name, create, call = _cycle_function(columns)
+        params: dict[str, Any] = {
+            "id": [c.task_id for c in done],
+            "msg": [c.message for c in done],
+            **{
+                f"c{i}": _task_column(col, [c.values[col] for c in done])[1]
+                for i, col in enumerate(columns)
+            },
+        }
+        params.update(
+            now=now,
+            actor=f"dispatcher:{owner}",
+            owner=owner,
+            allowed=[a.value for a in sources(Move.COMPLETE)],
+            lease_until=now + lease,
+            limit=limit,
+            sender=sender,
+        )
+        if self._functions_refused:
+            return None
+        created = conn.info.setdefault(_FUNCTIONS, set())
+        with _as_dbapi_error(conn, call, params):
+            raw.autocommit = True  # no BEGIN: the call is its own transaction
+            try:
+                if name not in created:
+                    try:
+                        raw.execute(create, prepare=False)
+                    except psycopg.errors.InsufficientPrivilege as exc:
+                        log.warning(
+                            "cannot create the session's cycle function (%s): each dispatcher "
+                            "cycle takes several round trips; GRANT TEMPORARY ON DATABASE to "
+                            "this role to make it one",
+                            str(exc).strip(),
+                        )
+                        self._functions_refused = True
+                        return None
+                    created.add(name)
+                cur = raw.execute(call, params)
+                names = [n.removeprefix("r_") for n in _names(call, cur)]
+                values = cur.fetchall()
+            finally:
+                raw.autocommit = False
+        rows = [_Row(names, v) for v in values]
+        found = {
+            r._mapping["id"]: (State(r._mapping["state"]), r._mapping["owner"])
+            for r in rows
+            if r._mapping["started"] is None
+        }
+        picked = _in_dispatch_order([r for r in rows if r._mapping["started"] is not None])
+        claimed = [Task.from_row(r) for r in picked if r._mapping["started"]]
+        due = picked[0]._mapping["next_due"] if picked else None
+        return Completed(
+            _sorted_out(done, found, sources(Move.COMPLETE), owner),
+            claimed,
+            [r._mapping["id"] for r in picked],
+            due.astimezone(UTC) if due is not None else None,
+        )
 
     def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
         # The claim just before, in this transaction and at this `now`, has read it.
@@ -206,15 +286,7 @@ class PostgresStore(Store):
             sql = _move_sql(move, columns, owner is not None, known is None, source)
             rows = _fetch(conn, sql, params)[1]
             found.update({r[0]: (State(r[1]), r[2]) for r in rows})
-        moved: dict[uuid.UUID, State] = {}
-        refused: dict[uuid.UUID, State | None] = {}
-        for change in changes:
-            state, row_owner = found.get(change.task_id, (None, None))
-            if _allows((state, row_owner) if state else None, allowed, owner):
-                moved[change.task_id] = state  # type: ignore[assignment]
-            else:
-                refused[change.task_id] = state
-        return Moved(moved, refused)
+        return _sorted_out(changes, found, allowed, owner)
 
     def release_dependents(
         self, conn: sa.Connection, completed: Sequence[uuid.UUID], now: datetime
@@ -482,15 +554,20 @@ def _claim_sql(limit: int) -> tuple[str, dict[str, Any]]:
     (`started` tells which), each as its row now is. Built from `Store.runnable_query` and
     compiled once per limit: (SQL, its constant parameters); `now`, `owner`, `lease_until`
     and `actor` are given at each call."""
+    # A literal, so that a prepared statement's generic plan still knows how few rows it
+    # needs and walks the ready index in order rather than sorting every live task.
+    return _claim_text(str(int(limit)))
+
+
+def _claim_text(limit: str) -> tuple[str, dict[str, Any]]:
+    """`_claim_sql` with `limit` as SQL text."""
     t = s.tasks
     now = sa.bindparam("now", type_=s.UTCDateTime)
     keyless = sa.func.jsonb_array_length(t.c.locks) == 0
     picked = (
         Store.runnable_query(cast(datetime, now))
         .with_only_columns(t.c.id, keyless.label("keyless"))
-        # A literal, so that a prepared statement's generic plan still knows how few rows
-        # it needs and walks the ready index in order rather than sorting every live task.
-        .limit(sa.literal_column(str(int(limit))))
+        .limit(sa.literal_column(limit))
         .with_for_update(skip_locked=True, of=t)
         .cte("picked")
     )
@@ -550,6 +627,94 @@ def _claim_sql(limit: int) -> tuple[str, dict[str, Any]]:
     return _PARAM_TEXT.sub(r"%(\1)b", str(compiled)), constants
 
 
+@functools.cache
+def _cycle_function(columns: tuple[str, ...]) -> tuple[str, str, str]:
+    """A function of the session that completes tasks setting `columns` (as `move` does),
+    releases their dependents (as `release_dependents`), claims (as `claim`, leaving
+    tasks with lock keys for `claim`) and notifies: (its name, CREATE, call).
+
+    It returns the claimed rows (`r_started` true, or false for one passed over) then one
+    row per completed task found (`r_started` NULL; `r_id`, `r_state`, `r_owner` as found
+    under the lock). Its columns carry a prefix: a PL/pgSQL variable of a column's name
+    would shadow the column in the statements. Created in `pg_temp`, once per session and
+    named by a digest of its body, it is always this code's, with no schema change."""
+    source = _source(
+        "v",
+        (
+            ("id", "uuid"),
+            ("msg", "text"),
+            *((f"c{i}", _array_of(c)[0]) for i, c in enumerate(columns)),
+        ),
+        False,
+    )
+    move = _move_ctes(Move.COMPLETE, columns, True, True, source)
+    claim, constants = _claim_text("p_limit")
+    for key, value in constants.items():
+        claim = claim.replace(f"%({key})b", psycopg.sql.Literal(value).as_string(None))
+    args = {
+        "id": "uuid[]",
+        "msg": "text[]",
+        **{f"c{i}": f"{_wire(_array_of(col)[0])}[]" for i, col in enumerate(columns)},
+        "now": "timestamptz",
+        "actor": "text",
+        "owner": "uuid",
+        "allowed": "text[]",
+        "lease_until": "timestamptz",
+        "limit": "integer",
+        "sender": "text",
+    }
+    typed = {c.name: c.type.compile(dialect=_DIALECT) for c in s.tasks.c}
+    found = ", ".join(
+        f"CAST({'f.' + n if n in ('id', 'state', 'owner') else 'NULL'} AS {kind})"
+        for n, kind in typed.items()
+    )
+    new = State.NEW.value
+    body = f"""
+DECLARE
+  found_id uuid[]; found_state text[]; found_owner uuid[];
+  moved uuid[] := '{{}}'; dep record; claimed bigint := 0;
+BEGIN
+  IF cardinality(p_id) > 0 THEN
+    {move} SELECT array_agg(id), array_agg(state), array_agg(owner)
+      INTO found_id, found_state, found_owner FROM old;
+    moved := ARRAY(SELECT f.id FROM unnest(found_id, found_state, found_owner)
+                     AS f(id, state, owner) WHERE f.state = ANY(p_allowed) AND f.owner = p_owner);
+    -- Each dependent by its primary key, as release_dependents does (and why).
+    FOR dep IN SELECT task_id, count(*) AS n FROM task_prerequisites
+               WHERE prerequisite_id = ANY(moved) GROUP BY task_id LOOP
+      UPDATE tasks SET pending = pending - dep.n, updated_at = p_now
+      WHERE id = dep.task_id AND state = '{new}';
+    END LOOP;
+  END IF;
+  IF p_limit > 0 THEN
+    RETURN QUERY {claim};
+    GET DIAGNOSTICS claimed = ROW_COUNT;
+  END IF;
+  RETURN QUERY SELECT {found}, CAST(NULL AS boolean), CAST(NULL AS timestamptz)
+    FROM unnest(found_id, found_state, found_owner) AS f(id, state, owner);
+  IF cardinality(moved) > 0 OR claimed > 0 THEN
+    PERFORM pg_notify({psycopg.sql.Literal(defaults.NOTIFY_CHANNEL).as_string(None)}, p_sender);
+  END IF;
+END"""
+    body = _PARAM.sub(r"p_\1", body)
+    digest = hashlib.sha1(body.encode()).hexdigest()[:12]
+    name = f"pg_temp.taskomatic_cycle_{digest}"
+    result = ", ".join(
+        [
+            *(f"r_{n} {kind}" for n, kind in typed.items()),
+            "r_started boolean",
+            "r_next_due timestamptz",
+        ]
+    )
+    create = (
+        f"CREATE OR REPLACE FUNCTION {name}({', '.join(f'p_{n} {k}' for n, k in args.items())}) "
+        f"RETURNS TABLE ({result}) LANGUAGE plpgsql AS $taskomatic${body}\n$taskomatic$"
+    )
+    call = f"SELECT * FROM {name}({', '.join(f'%({n})b::{k}' for n, k in args.items())})"
+    return name, create, call
+
+
+_FUNCTIONS = "taskomatic_functions"  # conn.info key: the session's functions created
 _CLAIM_PARAMS = ("now", "owner", "lease_until", "actor")
 _PARAM_TEXT = re.compile(r"%\((\w+)\)s")  # SQLAlchemy's placeholders, text format
 _DUE = "taskomatic_next_due"  # conn.info key: (now, next due) as the last claim read it
@@ -596,6 +761,30 @@ def _element(ref: str, column: str) -> str:
     return f"{ref}::jsonb" if _array_of(column)[0] == "jsonb" else ref
 
 
+def _in_dispatch_order(rows: list[_Row]) -> list[_Row]:
+    """Claimed rows in the order the runnable query picked them (RETURNING has none)."""
+    return sorted(rows, key=lambda r: (-r._mapping["priority"], r._mapping["seq"]))
+
+
+def _sorted_out(
+    changes: Sequence[Change],
+    found: Mapping[uuid.UUID, tuple[State, uuid.UUID | None]],
+    allowed: tuple[State, ...],
+    owner: uuid.UUID | None,
+) -> Moved:
+    """A guarded move's changes as moved or refused, from the (state, owner) of each row
+    as the move found it under its lock."""
+    moved: dict[uuid.UUID, State] = {}
+    refused: dict[uuid.UUID, State | None] = {}
+    for change in changes:
+        state, row_owner = found.get(change.task_id, (None, None))
+        if state is not None and _allows((state, row_owner), allowed, owner):
+            moved[change.task_id] = state
+        else:
+            refused[change.task_id] = state
+    return Moved(moved, refused)
+
+
 def _allows(
     found: tuple[State, uuid.UUID | None] | None,
     allowed: tuple[State, ...],
@@ -613,6 +802,15 @@ def _move_sql(
     transaction has), update those in an allowed state (and of `owner`), append their events,
     and return (id, state, owner) of every row found, as it was under the lock. `source` is
     the FROM item `v` (id, msg, c0, c1, …) of the rows and their new values (`_rows`)."""
+    return (
+        f"{_move_ctes(move, columns, guard_owner, lock, source)} SELECT id, state, owner FROM old"
+    )
+
+
+def _move_ctes(
+    move: Move, columns: tuple[str, ...], guard_owner: bool, lock: bool, source: str
+) -> str:
+    """`_move_sql` but its final SELECT: the rows found are the common table `old`."""
     names = "".join(f", v.c{i}" for i in range(len(columns)))
     sets = "".join(f", {col} = {_element(f'old.c{i}', col)}" for i, col in enumerate(columns))
     arrival = " ".join(
@@ -631,6 +829,5 @@ def _move_sql(
         f"WHERE tasks.id = old.id AND old.state = ANY(%(allowed)b::text[]){owner} "
         "RETURNING tasks.id, old.state AS src, tasks.state AS dst, old.msg), "
         "ev AS (INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
-        "SELECT id, src, dst, %(now)b, %(actor)b, msg FROM u) "
-        "SELECT id, state, owner FROM old"
+        "SELECT id, src, dst, %(now)b, %(actor)b, msg FROM u)"
     )

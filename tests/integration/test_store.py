@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from helpers import (
@@ -23,7 +25,17 @@ from helpers import (
     running_dispatcher,
 )
 
-from taskomatic import Context, Queue, Registry, State, Task, TaskSpec, defaults, errors
+from taskomatic import (
+    Context,
+    Dispatcher,
+    Queue,
+    Registry,
+    State,
+    Task,
+    TaskSpec,
+    defaults,
+    errors,
+)
 from taskomatic import schema as s
 from taskomatic.model import TERMINAL, Move
 from taskomatic.store.base import Change
@@ -403,3 +415,44 @@ def test_connection_options_in_the_url_are_kept(pg_url: str) -> None:
             ).one()
         assert tuple(settings) == ("fleet-ui", "UTC")
         assert queue.get(task.id).created_at.utcoffset() == timedelta(0)
+
+
+def test_a_role_that_may_not_create_temporary_objects_still_runs_its_chains(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dispatcher's cycle is one call of a function it creates in its session; a role
+    without the TEMPORARY privilege gets one warning and the same results, through the
+    statements one by one."""
+    url = sa.make_url(pg_url)
+    role = f"taskomatic_no_temp_{uuid.uuid4().hex[:8]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"REVOKE TEMPORARY ON DATABASE {url.database} FROM PUBLIC")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    try:
+        with Queue.open(url.set(username=role).render_as_string(hide_password=False)) as queue:
+            first, second, third = queue.submit_many(
+                [
+                    TaskSpec("noop", name="a"),
+                    TaskSpec("noop", name="b", after=["a"]),
+                    TaskSpec("noop", name="c", after=["b"]),
+                ]
+            )
+            with caplog.at_level(logging.WARNING, logger="taskomatic.store.postgres"):
+                Dispatcher(queue, workers=2).run(until_empty=True)
+            tasks = [queue.get(t.id) for t in (first, second, third)]
+            assert [t.state for t in tasks] == [State.COMPLETE] * 3
+            assert tasks[0].finished_at <= tasks[1].started_at  # type: ignore[operator]
+            assert tasks[1].finished_at <= tasks[2].started_at  # type: ignore[operator]
+        refusals = [r for r in caplog.records if "cycle function" in r.getMessage()]
+        assert len(refusals) == 1 and "GRANT TEMPORARY" in refusals[0].getMessage()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

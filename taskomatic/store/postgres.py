@@ -708,7 +708,13 @@ END"""
     )
     create = (
         f"CREATE OR REPLACE FUNCTION {name}({', '.join(f'p_{n} {k}' for n, k in args.items())}) "
-        f"RETURNS TABLE ({result}) LANGUAGE plpgsql AS $taskomatic${body}\n$taskomatic$"
+        f"RETURNS TABLE ({result}) LANGUAGE plpgsql "
+        # Planned once per session: each statement's generic plan is what a batch wants
+        # (the moves find rows by primary key, the claim walks the ready index), and a
+        # custom plan for every call, chosen when arrays of one row look cheaper than the
+        # ten rows a generic plan expects, would cost more than the statements themselves.
+        "SET plan_cache_mode = force_generic_plan "
+        f"AS $taskomatic${body}\n$taskomatic$"
     )
     call = f"SELECT * FROM {name}({', '.join(f'%({n})b::{k}' for n, k in args.items())})"
     return name, create, call
@@ -817,13 +823,16 @@ def _move_ctes(
         f"WHEN '{src.value}' THEN '{target(move, src).value}'" for src in sources(move)
     )
     owner = " AND old.owner = %(owner)b::uuid" if guard_owner else ""
-    locking = " FOR UPDATE OF tasks" if lock else ""
+    locking = " FOR UPDATE" if lock else ""
+    # Each row found by its primary key (LATERAL): a generic plan, expecting ten rows from
+    # an unnest and statistics from a small table, would otherwise hash the whole table.
     # The new values ride along with the locked rows, so the UPDATE joins `old` to `tasks`
     # by primary key alone: joined to the arrays again, PostgreSQL (expecting ten rows
     # from an unnest) rescans them for every row, quadratic in the batch.
     return (
-        f"WITH old AS (SELECT tasks.id, tasks.state, tasks.owner, v.msg{names} "
-        f"FROM {source} JOIN tasks ON tasks.id = v.id{locking}), "
+        f"WITH old AS (SELECT t.id, t.state, t.owner, v.msg{names} FROM {source} "
+        "CROSS JOIN LATERAL (SELECT tasks.id, tasks.state, tasks.owner FROM tasks "
+        f"WHERE tasks.id = v.id{locking}) AS t), "
         f"u AS (UPDATE tasks SET state = CASE old.state {arrival} END, "
         f"updated_at = %(now)b{sets} FROM old "
         f"WHERE tasks.id = old.id AND old.state = ANY(%(allowed)b::text[]){owner} "

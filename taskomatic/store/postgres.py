@@ -301,20 +301,11 @@ class PostgresStore(Store):
         # on the task, its snapshot predates the submitter's new edge.
         if not completed:
             return
-        counts = _fetch(
-            conn,
-            "SELECT task_id, count(*) FROM task_prerequisites "
-            "WHERE prerequisite_id = ANY(%(ids)b::uuid[]) GROUP BY task_id",
-            {"ids": list(completed)},
-        )[1]
+        counts = _fetch(conn, _COUNT_DONE, {"ids": list(completed)})[1]
         if not counts:
             return
-        sql = (
-            "UPDATE tasks SET pending = pending - %b, updated_at = %b "
-            f"WHERE id = %b AND state = '{State.NEW.value}'"
-        )
-        with _as_dbapi_error(conn, sql, None), _raw(conn).cursor() as cur:
-            cur.executemany(sql, [(done, now, tid) for tid, done in counts])
+        with _as_dbapi_error(conn, _RELEASE, None), _raw(conn).cursor() as cur:
+            cur.executemany(_RELEASE, [{"n": n, "now": now, "id": tid} for tid, n in counts])
 
     def insert_tasks(
         self,
@@ -668,7 +659,6 @@ def _cycle_function(columns: tuple[str, ...]) -> tuple[str, str, str]:
         f"CAST({'f.' + n if n in ('id', 'state', 'owner') else 'NULL'} AS {kind})"
         for n, kind in typed.items()
     )
-    new = State.NEW.value
     body = f"""
 DECLARE
   found_id uuid[]; found_state text[]; found_owner uuid[];
@@ -680,10 +670,8 @@ BEGIN
     moved := ARRAY(SELECT f.id FROM unnest(found_id, found_state, found_owner)
                      AS f(id, state, owner) WHERE f.state = ANY(p_allowed) AND f.owner = p_owner);
     -- Each dependent by its primary key, as release_dependents does (and why).
-    FOR dep IN SELECT task_id, count(*) AS n FROM task_prerequisites
-               WHERE prerequisite_id = ANY(moved) GROUP BY task_id LOOP
-      UPDATE tasks SET pending = pending - dep.n, updated_at = p_now
-      WHERE id = dep.task_id AND state = '{new}';
+    FOR dep IN {_bind(_COUNT_DONE, ids="moved")} LOOP
+      {_bind(_RELEASE, n="dep.n", id="dep.task_id")};
     END LOOP;
   END IF;
   IF p_limit > 0 THEN
@@ -718,6 +706,25 @@ END"""
     )
     call = f"SELECT * FROM {name}({', '.join(f'%({n})b::{k}' for n, k in args.items())})"
     return name, create, call
+
+
+# A completion's dependents, with how many of their prerequisites it completed; then
+# one dependent's count. `(…) IS TRUE` keeps the state out of the index search: with
+# statistics taken before a burst of new tasks, PostgreSQL would otherwise look for the
+# task among all new ones through `tasks_state_seq` rather than by its primary key.
+_COUNT_DONE = (
+    "SELECT task_id, count(*) AS n FROM task_prerequisites "
+    "WHERE prerequisite_id = ANY(%(ids)b::uuid[]) GROUP BY task_id"
+)
+_RELEASE = (
+    "UPDATE tasks SET pending = pending - %(n)b, updated_at = %(now)b "
+    f"WHERE id = %(id)b AND (state = '{State.NEW.value}') IS TRUE"
+)
+
+
+def _bind(sql: str, **expressions: str) -> str:
+    """`sql` with some of its parameters replaced by SQL expressions."""
+    return _PARAM.sub(lambda m: expressions.get(m[1], m[0]), sql)
 
 
 _FUNCTIONS = "taskomatic_functions"  # conn.info key: the session's functions created

@@ -179,26 +179,28 @@ class PostgresStore(Store):
             or any(tuple(sorted(c.values)) != columns for c in done)
         ):
             return None
-        name, create, call = _cycle_function(columns)
+        if self._functions_refused:
+            return None
         params: dict[str, Any] = {
             "id": [c.task_id for c in done],
             "msg": [c.message for c in done],
-            **{
-                f"c{i}": _task_column(col, [c.values[col] for c in done])[1]
-                for i, col in enumerate(columns)
-            },
         }
+        uniform = []
+        for i, col in enumerate(columns):
+            sent = _task_column(col, [c.values[col] for c in done])[1]
+            # One value for every task goes as that value: an array costs psycopg more.
+            one = all(type(v) is type(sent[0]) and v == sent[0] for v in sent)
+            params[f"c{i}"] = sent[0] if one else sent
+            uniform.append(one)
+        name, create, call = _cycle_function(columns, tuple(uniform))
         params.update(
             now=now,
             actor=f"dispatcher:{owner}",
             owner=owner,
-            allowed=[a.value for a in sources(Move.COMPLETE)],
             lease_until=now + lease,
             limit=limit,
             sender=sender,
         )
-        if self._functions_refused:
-            return None
         created = conn.info.setdefault(_FUNCTIONS, set())
         with _as_dbapi_error(conn, call, params):
             raw.autocommit = True  # no BEGIN: the call is its own transaction
@@ -619,37 +621,42 @@ def _claim_text(limit: str) -> tuple[str, dict[str, Any]]:
 
 
 @functools.cache
-def _cycle_function(columns: tuple[str, ...]) -> tuple[str, str, str]:
-    """A function of the session that completes tasks setting `columns` (as `move` does),
-    releases their dependents (as `release_dependents`), claims (as `claim`, leaving
-    tasks with lock keys for `claim`) and notifies: (its name, CREATE, call).
+def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tuple[str, str, str]:
+    """A function of the session that completes tasks setting `columns` (as `move` does;
+    those `uniform` to one value for all tasks, the others to one value each), releases
+    their dependents (as `release_dependents`), claims (as `claim`, leaving tasks with lock
+    keys for `claim`) and notifies: (its name, CREATE, call).
 
     It returns the claimed rows (`r_started` true, or false for one passed over) then one
     row per completed task found (`r_started` NULL; `r_id`, `r_state`, `r_owner` as found
     under the lock). Its columns carry a prefix: a PL/pgSQL variable of a column's name
     would shadow the column in the statements. Created in `pg_temp`, once per session and
     named by a digest of its body, it is always this code's, with no schema change."""
-    source = _source(
-        "v",
-        (
-            ("id", "uuid"),
-            ("msg", "text"),
-            *((f"c{i}", _array_of(c)[0]) for i, c in enumerate(columns)),
-        ),
+    kinds = {f"c{i}": _wire(_array_of(col)[0]) for i, col in enumerate(columns)}
+    one = {name for name, same in zip(kinds, uniform, strict=True) if same}
+    arrays = _source(
+        "u",
+        (("id", "uuid"), ("msg", "text"), *((n, k) for n, k in kinds.items() if n not in one)),
         False,
     )
-    move = _move_ctes(Move.COMPLETE, columns, True, True, source)
+    scalars = "".join(f", %({n})b AS {n}" for n in kinds if n in one)
+    source = f"(SELECT u.*{scalars} FROM {arrays}) AS v"
+    allowed = ", ".join(
+        psycopg.sql.Literal(a.value).as_string(None) for a in sources(Move.COMPLETE)
+    )
+    move = _bind(
+        _move_ctes(Move.COMPLETE, columns, True, True, source), allowed=f"ARRAY[{allowed}]"
+    )
     claim, constants = _claim_text("p_limit")
     for key, value in constants.items():
         claim = claim.replace(f"%({key})b", psycopg.sql.Literal(value).as_string(None))
     args = {
         "id": "uuid[]",
         "msg": "text[]",
-        **{f"c{i}": f"{_wire(_array_of(col)[0])}[]" for i, col in enumerate(columns)},
+        **{n: k if n in one else f"{k}[]" for n, k in kinds.items()},
         "now": "timestamptz",
         "actor": "text",
         "owner": "uuid",
-        "allowed": "text[]",
         "lease_until": "timestamptz",
         "limit": "integer",
         "sender": "text",
@@ -668,7 +675,8 @@ BEGIN
     {move} SELECT array_agg(id), array_agg(state), array_agg(owner)
       INTO found_id, found_state, found_owner FROM old;
     moved := ARRAY(SELECT f.id FROM unnest(found_id, found_state, found_owner)
-                     AS f(id, state, owner) WHERE f.state = ANY(p_allowed) AND f.owner = p_owner);
+                     AS f(id, state, owner) WHERE f.state = ANY(ARRAY[{allowed}])
+                                                  AND f.owner = p_owner);
     -- Each dependent by its primary key, as release_dependents does (and why).
     FOR dep IN {_bind(_COUNT_DONE, ids="moved")} LOOP
       {_bind(_RELEASE, n="dep.n", id="dep.task_id")};

@@ -189,7 +189,8 @@ class PostgresStore(Store):
         for i, col in enumerate(columns):
             sent = _task_column(col, [c.values[col] for c in done])[1]
             # One value for every task goes as that value: an array costs psycopg more.
-            one = all(type(v) is type(sent[0]) and v == sent[0] for v in sent)
+            # (Values as sent: JSON as text, so that 1 and true differ.)
+            one = all(v == sent[0] for v in sent)
             params[f"c{i}"] = sent[0] if one else sent
             uniform.append(one)
         name, create, call = _cycle_function(columns, tuple(uniform))

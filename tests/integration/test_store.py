@@ -38,6 +38,7 @@ from taskomatic import (
 )
 from taskomatic import schema as s
 from taskomatic.model import TERMINAL, Move
+from taskomatic.queue import Outcome
 from taskomatic.store.base import Change
 
 
@@ -225,6 +226,21 @@ def test_claim_takes_runnable_tasks_in_dispatch_order(queue: Queue) -> None:
     assert [t.id for t in queue.runnable()] == order[2:]
     assert [t.id for t in claim(queue, owner, 10)] == order[2:]
     assert claim(queue, owner, 10) == []
+
+
+def test_each_task_completed_in_one_cycle_keeps_its_own_result(queue: Queue) -> None:
+    """Results reported together are stored each with its task, including results that
+    Python holds equal but JSON does not (1 and true), and results all alike."""
+    owner = uuid.uuid4()
+    for results in ([1, True], [1, True, "1", None, {"vm": "a"}], [{"same": [1]}] * 4):
+        queue.submit_many([TaskSpec("noop") for _ in results])
+        running = claim(queue, owner, len(results))
+        outcomes = [Outcome(t, True, result=r) for t, r in zip(running, results, strict=True)]
+        cycle = queue.cycle(owner, outcomes, 0, 30.0)
+        assert cycle.refused == {}
+        stored = [queue.get(t.id) for t in running]
+        assert [t.state for t in stored] == [State.COMPLETE] * len(results)
+        assert [(type(t.result), t.result) for t in stored] == [(type(r), r) for r in results]
 
 
 def test_concurrent_claimers_never_share_a_task(db_url: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,9 +218,20 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def new_task_id() -> uuid.UUID:
+    """A task id of our choosing: a UUID version 7 (RFC 9562), whose first 48 bits are the
+    time in milliseconds. New tasks' keys then go to the end of the primary-key and event
+    indexes, as their rows do to the end of the table: random ids would scatter them over
+    the pages of a history of millions, most of them out of the database's cache."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC's variant
+    return uuid.UUID(int=value)
+
+
 def _task_id(spec: TaskSpec) -> uuid.UUID:
     if spec.id is None:
-        return uuid.uuid4()
+        return new_task_id()
     if isinstance(spec.id, uuid.UUID):
         return spec.id
     try:

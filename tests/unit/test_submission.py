@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ import pytest
 
 from taskomatic import errors
 from taskomatic.actions.registry import Action, Context, Param, Registry
-from taskomatic.submission import Prepared, TaskSpec, parse_time, prepare
+from taskomatic.submission import Prepared, TaskSpec, new_task_id, parse_time, prepare
 
 
 def _vm_locks(params: Mapping[str, Any]) -> list[str]:
@@ -284,3 +285,23 @@ def test_parse_time_requires_a_timezone() -> None:
         parse_time("2030-01-01T10:00")
     with pytest.raises(errors.ValidationError, match="not an ISO 8601 time"):
         parse_time("tomorrow")
+
+
+def test_ids_taskomatic_chooses_are_unique_uuid7_in_the_order_of_their_creation(
+    registry: Registry,
+) -> None:
+    """Ids of tasks submitted without one are RFC 9562 version 7 UUIDs: unique, and those
+    made a millisecond or more apart sort in the order they were made (new tasks' keys go
+    to the end of the indexes, next to each other)."""
+    before = time.time_ns() // 1_000_000
+    ids = [new_task_id() for _ in range(20_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert all(before <= i.int >> 80 <= after for i in ids)
+    time.sleep(0.002)
+    later = new_task_id()
+    assert later > max(ids)
+    time.sleep(0.002)
+    (submitted,) = prepare([TaskSpec("noop", {})], registry)
+    assert submitted.id.version == 7 and submitted.id > later

@@ -649,8 +649,9 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
         _move_ctes(Move.COMPLETE, columns, True, True, source), allowed=f"ARRAY[{allowed}]"
     )
     claim, constants = _claim_text("p_limit")
-    for key, value in constants.items():
-        claim = claim.replace(f"%({key})b", psycopg.sql.Literal(value).as_string(None))
+    claim = _bind(
+        claim, **{k: psycopg.sql.Literal(v).as_string(None) for k, v in constants.items()}
+    )
     args = {
         "id": "uuid[]",
         "msg": "text[]",
@@ -717,8 +718,8 @@ END"""
     return name, create, call
 
 
-# A completion's dependents, with how many of their prerequisites it completed; then
-# one dependent's count. `(…) IS TRUE` keeps the state out of the index search: with
+# A completion's dependents, with how many of their prerequisites it completed; then the
+# update of one dependent's count. `(…) IS TRUE` keeps the state out of the index search: with
 # statistics taken before a burst of new tasks, PostgreSQL would otherwise look for the
 # task among all new ones through `tasks_state_seq` rather than by its primary key.
 _COUNT_DONE = (

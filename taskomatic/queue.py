@@ -568,7 +568,7 @@ class Queue:
 
         if not outcomes and not claim:
             return Cycle([], {}, None)
-        if all(_completes_plainly(o) for o in outcomes):
+        if self.store.completes_in_one_step and all(_completes_plainly(o) for o in outcomes):
             quick = self._complete_and_claim(owner, outcomes, claim, lease_td)
             if quick is not None:
                 return quick

@@ -275,6 +275,11 @@ class Store(InventoryStatements, ObserveStatements):
             .with_hint(t, "INDEXED BY tasks_scheduled", "sqlite")
         ).scalar()
 
+    @property
+    def completes_in_one_step(self) -> bool:
+        """Whether `complete_and_claim` can do its work here (so it is worth a transaction)."""
+        return False
+
     def complete_and_claim(
         self,
         conn: sa.Connection,

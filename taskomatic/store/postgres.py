@@ -158,6 +158,10 @@ class PostgresStore(Store):
                 break  # no lock conflict: nothing more to find
         return claimed
 
+    @property
+    def completes_in_one_step(self) -> bool:
+        return not self._functions_refused
+
     def complete_and_claim(
         self,
         conn: sa.Connection,

@@ -24,6 +24,7 @@ from taskomatic.queue import Outcome, Queue
 from taskomatic.virt.connections import Connections
 from taskomatic.virt.fleet import Fleet
 from taskomatic.virt.inventory import InventoryKeeper
+from taskomatic.wakeup import Waiter
 from taskomatic.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -112,22 +113,23 @@ class Dispatcher:
                 None,
             )
         )
-        self.queue._watcher.ensure_started()
+        waiter = self.queue.waiter()
         log.info("dispatcher %s started with %d workers", self.id, self.pool.size)
         try:
             if self.inventory is not None:
                 self.inventory.start()
-            self._loop(until_empty)
+            self._loop(until_empty, waiter)
         finally:
             try:
                 self._shutdown()
             finally:
+                waiter.close()
                 if self.inventory is not None:
                     self.inventory.stop()
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _loop(self, until_empty: bool) -> None:
+    def _loop(self, until_empty: bool, waiter: Waiter) -> None:
         signal = self.queue.signal
         now = time.monotonic()
         next_renew = now + self._renew_interval()
@@ -193,7 +195,7 @@ class Dispatcher:
             timeout = soonest - now
             if due is not None:
                 timeout = min(timeout, (due - self.queue.now()).total_seconds())
-            signal.wait(seen, max(timeout, 0.001))
+            waiter.wait(seen, max(timeout, 0.001))
 
     def _start(self, task: Task, recovered: bool) -> None:
         r = self._hold(task)

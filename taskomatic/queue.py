@@ -96,6 +96,15 @@ class Queue:
         self._watcher.stop()
         self.store.close()
 
+    def waiter(self) -> wakeup.Waiter:
+        """For a thread that waits for changes in a loop (a dispatcher): with the store's
+        listener in its own select() where there is one, else through the watcher thread.
+        Close it when done."""
+        listener = self.store.listener(self.token)
+        if listener is None:
+            self._watcher.ensure_started()
+        return wakeup.Waiter(self.signal, listener)
+
     @functools.cached_property
     def hosts(self) -> Hosts:
         """The hosts this queue's libvirt actions drive."""

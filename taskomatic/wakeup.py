@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import threading
+import time
 
-from taskomatic.store.base import Store
+from taskomatic.store.base import Listener, Store
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,7 @@ class Signal:
         self._cond = threading.Condition()
         self._generation = 0
         self._mine = threading.local()
+        self._pipes: set[int] = set()  # write ends of the Waiters' pipes
 
     @property
     def generation(self) -> int:
@@ -32,6 +37,10 @@ class Signal:
             self._generation += 1
             self._mine.count = self.fired_here() + 1
             self._cond.notify_all()
+            # Under the lock: a Waiter closing its pipe cannot leave us a reused fd.
+            for fd in self._pipes:
+                with contextlib.suppress(BlockingIOError):  # full: readable already
+                    os.write(fd, b"!")
 
     def fired_here(self) -> int:
         """How often the calling thread has fired (a dispatcher ignores its own changes)."""
@@ -77,3 +86,51 @@ class Watcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+
+
+class Waiter:
+    """How one thread's loop waits for the Signal and, where the store has one, its
+    Listener in the same select(): another process's commit then wakes this thread itself
+    rather than the watcher thread, which would have to hand over to it. The dispatcher's
+    loop waits this way; where the store has no listener, it waits on the Signal alone,
+    with the watcher thread running."""
+
+    def __init__(self, signal: Signal, listener: Listener | None) -> None:
+        self._signal = signal
+        self._listener = listener
+        self._pipe: tuple[int, int] | None = None
+        if listener is not None:
+            self._pipe = os.pipe()
+            for fd in self._pipe:
+                os.set_blocking(fd, False)
+            with signal._cond:
+                signal._pipes.add(self._pipe[1])
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Block until the generation differs from `seen`; False on timeout."""
+        if self._listener is None or self._pipe is None:
+            return self._signal.wait(seen, timeout)
+        deadline = time.monotonic() + timeout
+        ours = self._pipe[0]
+        while self._signal.generation == seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            socket = self._listener.fileno()
+            waiting = [ours] if socket is None else [ours, socket]
+            ready, _, _ = select.select(waiting, [], [], min(left, self._listener.due_in()))
+            if ours in ready:
+                os.read(ours, 4096)  # the generation says what happened
+            if (socket in ready or not ready) and self._listener.read():
+                self._signal.fire()
+        return True
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            with self._signal._cond:
+                self._signal._pipes.discard(self._pipe[1])
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+        if self._listener is not None:
+            self._listener.close()

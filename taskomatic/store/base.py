@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -69,6 +69,21 @@ class Completed:
     next_due: datetime | None  # as `next_due`, read only when it picked something
 
 
+class Listener(Protocol):
+    """Other processes' commits, as a socket to wait on (see PostgresStore's)."""
+
+    def fileno(self) -> int | None:
+        """The socket to wait on; None while disconnected."""
+
+    def due_in(self) -> float:
+        """Seconds until `read` is due even if the socket stays quiet."""
+
+    def read(self) -> bool:
+        """Take what arrived; True if someone else may have changed the queue."""
+
+    def close(self) -> None: ...
+
+
 class Store(InventoryStatements, ObserveStatements):
     """SQL for both backends; a subclass per backend supplies the few dialect differences.
 
@@ -107,6 +122,11 @@ class Store(InventoryStatements, ObserveStatements):
     def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
         """Call `fire` whenever someone other than `sender` commits a change, until `stop`."""
         raise NotImplementedError
+
+    def listener(self, sender: str) -> Listener | None:
+        """A connection a thread can wait on with select() for commits by others than
+        `sender`, or None where the store has none (SQLite: `watch` polls)."""
+        return None
 
     def _assign_seq(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
         """Give new task rows their submission order (PostgreSQL does it with a sequence)."""

@@ -9,7 +9,9 @@ import hashlib
 import json
 import logging
 import re
+import select
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -349,34 +351,101 @@ class PostgresStore(Store):
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()
 
-    def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
-        delay = defaults.DB_RETRY_BASE_SECONDS
-        while not stop.is_set():
-            try:
-                self._listen(stop, fire, sender)
-            except psycopg.Error as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
-                stop.wait(delay)
-                delay = min(delay * 2, defaults.DB_RETRY_MAX_SECONDS)
-            else:
-                delay = defaults.DB_RETRY_BASE_SECONDS
+    def listener(self, sender: str) -> Listener:
+        return Listener(self.conninfo, sender)
 
-    def _listen(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            conn.execute(f"LISTEN {defaults.NOTIFY_CHANNEL}")
-            fire()  # whatever happened while we were not listening
-            idle = 0.0
+    def watch(self, stop: threading.Event, fire: Callable[[], None], sender: str) -> None:
+        listener = self.listener(sender)
+        try:
             while not stop.is_set():
-                got = [n.payload for n in conn.notifies(timeout=_SLICE, stop_after=1)]
-                if got:
-                    if any(payload != sender for payload in got):
-                        fire()
-                    idle = 0.0
-                    continue
-                idle += _SLICE
-                if idle >= defaults.LISTEN_PING_SECONDS:
-                    conn.execute("SELECT 1")  # a half-open socket raises only when used
-                    idle = 0.0
+                if listener.wait(_SLICE):
+                    fire()
+        finally:
+            listener.close()
+
+
+class Listener:
+    """A LISTEN connection that one thread waits on with select(): other processes' commits.
+
+    The watcher thread waits on one; so does a dispatcher's own loop, next to its wake-up
+    pipe, so that another process's submission wakes it directly: through the watcher
+    thread, the hand-over (a thread switch, then the GIL's) took 0.3 ms per wake-up.
+    """
+
+    def __init__(self, conninfo: str, sender: str) -> None:
+        self._conninfo = conninfo
+        self._sender = sender
+        self._conn: psycopg.Connection[Any] | None = None
+        self._retry_at = 0.0  # monotonic time of the next connection attempt
+        self._delay = defaults.DB_RETRY_BASE_SECONDS
+        self._heard_at = 0.0  # monotonic time of the last sign of life
+
+    def fileno(self) -> int | None:
+        """The socket to wait on; None while disconnected (then `due_in` says when to retry)."""
+        return None if self._conn is None else self._conn.fileno()
+
+    def due_in(self) -> float:
+        """Seconds until `read` is due even if the socket stays quiet: to reconnect, or to
+        ping an idle connection (a half-open socket raises only when used)."""
+        if self._conn is None:
+            return max(0.0, self._retry_at - time.monotonic())
+        return max(0.0, self._heard_at + defaults.LISTEN_PING_SECONDS - time.monotonic())
+
+    def read(self) -> bool:
+        """Take what arrived, and (re)connect or ping when due. True if someone else may
+        have changed the queue: a notification from another sender, or a new connection
+        (what was committed while nobody listened is unknown)."""
+        try:
+            if self._conn is None:
+                if time.monotonic() < self._retry_at:
+                    return False
+                self._connect()
+                return True
+            if time.monotonic() - self._heard_at >= defaults.LISTEN_PING_SECONDS:
+                self._conn.execute("SELECT 1")
+                self._heard_at = time.monotonic()
+            got = [n.payload for n in self._conn.notifies(timeout=0)]
+        except psycopg.Error as exc:
+            self._lost(exc)
+            return False
+        if not got:
+            return False
+        self._heard_at = time.monotonic()
+        return any(payload != self._sender for payload in got)
+
+    def wait(self, timeout: float) -> bool:
+        """Block for up to `timeout` seconds; as `read`."""
+        fd = self.fileno()
+        pause = min(timeout, self.due_in())
+        if fd is None:
+            time.sleep(pause)
+        else:
+            select.select([fd], [], [], pause)
+        return self.read()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self) -> None:
+        conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            conn.execute(f"LISTEN {defaults.NOTIFY_CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._heard_at = time.monotonic()
+        self._delay = defaults.DB_RETRY_BASE_SECONDS
+
+    def _lost(self, exc: psycopg.Error) -> None:
+        log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, self._delay)
+        with contextlib.suppress(psycopg.Error):
+            self.close()
+        self._conn = None
+        self._retry_at = time.monotonic() + self._delay
+        self._delay = min(self._delay * 2, defaults.DB_RETRY_MAX_SECONDS)
 
 
 def _raw(conn: sa.Connection) -> psycopg.Connection[Any]:

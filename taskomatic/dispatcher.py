@@ -124,6 +124,7 @@ class Dispatcher:
                 self._shutdown()
             finally:
                 waiter.close()
+                self.queue.cycles_done()
                 if self.inventory is not None:
                     self.inventory.stop()
 

@@ -589,12 +589,9 @@ class Queue:
         """`cycle` in one step on the server, where the store has one; None otherwise."""
 
         def attempt() -> Completed | None:
-            with self.store.write() as conn:
-                now = self.now()
-                done = [Change(o.task.id, _completion(o, now), "completed") for o in outcomes]
-                return self.store.complete_and_claim(
-                    conn, owner, done, now, lease, claim, self.token
-                )
+            now = self.now()
+            done = [Change(o.task.id, _completion(o, now), "completed") for o in outcomes]
+            return self.store.complete_and_claim(owner, done, now, lease, claim, self.token)
 
         did = self._retrying(attempt)
         if did is None:
@@ -618,6 +615,11 @@ class Queue:
         elif rest and not did.picked:
             due = self._read(lambda conn: self.store.next_due(conn, self.now()))
         return Cycle(claimed, did.moved.refused, due if len(claimed) < claim else None)
+
+    def cycles_done(self) -> None:
+        """The calling thread makes no more cycles: give back the connection the store
+        kept for them (a dispatcher's loop, as it ends)."""
+        self.store.release_kept()
 
     def take_over(self, owner: uuid.UUID, limit: int, lease: float) -> builtins.list[Task]:
         """Adopt up to `limit` tasks whose dispatcher's lease expired (it died)."""

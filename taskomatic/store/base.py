@@ -302,7 +302,6 @@ class Store(InventoryStatements, ObserveStatements):
 
     def complete_and_claim(
         self,
-        conn: sa.Connection,
         owner: uuid.UUID,
         done: Sequence[Change],
         now: datetime,
@@ -310,12 +309,15 @@ class Store(InventoryStatements, ObserveStatements):
         limit: int,
         sender: str,
     ) -> Completed | None:
-        """The dispatcher's common cycle as ONE step on the server, as the whole transaction
-        of `conn`: complete `done` (running tasks of `owner` without lock keys or group, all
-        with the same columns), release their dependents, claim up to `limit` tasks without
-        lock keys, notify as `sender` if anything moved, commit. None where the backend has
-        no such step (or `conn` has begun already): the caller takes the general path."""
+        """The dispatcher's common cycle as ONE step on the server, a transaction of its
+        own: complete `done` (running tasks of `owner` without lock keys or group, all with
+        the same columns), release their dependents, claim up to `limit` tasks without lock
+        keys, notify as `sender` if anything moved, commit. None where the backend has no
+        such step: the caller takes the general path."""
         return None
+
+    def release_kept(self) -> None:
+        """Give back the connection the calling thread kept for `complete_and_claim`."""
 
     # -- claim -----------------------------------------------------------------------------
 

@@ -53,6 +53,9 @@ class PostgresStore(Store):
         self.conninfo = conninfo
         # Set when the role may not create the session's functions (no TEMPORARY privilege).
         self._functions_refused = False
+        self._kept_here = threading.local()  # see _kept()
+        self._kept_all: set[sa.Connection] = set()
+        self._kept_lock = threading.Lock()
         sa.event.listen(engine, "before_cursor_execute", _send_deferred_before)
         sa.event.listen(engine, "commit", _send_deferred)
         sa.event.listen(engine, "rollback", _drop_deferred)
@@ -166,7 +169,6 @@ class PostgresStore(Store):
 
     def complete_and_claim(
         self,
-        conn: sa.Connection,
         owner: uuid.UUID,
         done: Sequence[Change],
         now: datetime,
@@ -177,16 +179,59 @@ class PostgresStore(Store):
         # One call of a function of this session (`_cycle_function`), made of the same
         # statements as `move`, `release_dependents` and `claim`: one round trip, committed
         # by the server as the call ends.
-        raw = _raw(conn)
         columns = tuple(sorted(done[0].values)) if done else ()
-        if (
-            conn.info.get(_DEFERRED)
-            or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-            or any(tuple(sorted(c.values)) != columns for c in done)
-        ):
+        if self._functions_refused or any(tuple(sorted(c.values)) != columns for c in done):
             return None
-        if self._functions_refused:
-            return None
+        with self._kept() as conn:
+            return self._complete_and_claim(conn, owner, done, columns, now, lease, limit, sender)
+
+    @contextlib.contextmanager
+    def _kept(self) -> Iterator[sa.Connection]:
+        """This thread's own connection, kept from one call to the next (a dispatcher's
+        cycle: no checkout and return per cycle), dropped after any error."""
+        conn = getattr(self._kept_here, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._kept_here.conn = self.engine.connect()
+            with self._kept_lock:
+                self._kept_all.add(conn)
+        try:
+            yield conn
+        except BaseException:
+            self._kept_here.conn = None
+            with self._kept_lock:
+                self._kept_all.discard(conn)
+            if not conn.invalidated and _raw(conn).broken:
+                conn.invalidate()  # not handed back to the pool
+            conn.close()
+            raise
+
+    def release_kept(self) -> None:
+        conn = getattr(self._kept_here, "conn", None)
+        if conn is not None:
+            self._kept_here.conn = None
+            with self._kept_lock:
+                self._kept_all.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        with self._kept_lock:
+            kept, self._kept_all = self._kept_all, set()
+        for conn in kept:
+            conn.close()
+        super().close()
+
+    def _complete_and_claim(
+        self,
+        conn: sa.Connection,
+        owner: uuid.UUID,
+        done: Sequence[Change],
+        columns: tuple[str, ...],
+        now: datetime,
+        lease: timedelta,
+        limit: int,
+        sender: str,
+    ) -> Completed | None:
+        raw = _raw(conn)
         params: dict[str, Any] = {
             "id": [c.task_id for c in done],
             "msg": [c.message for c in done],

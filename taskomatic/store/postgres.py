@@ -180,7 +180,10 @@ class PostgresStore(Store):
         # statements as `move`, `release_dependents` and `claim`: one round trip, committed
         # by the server as the call ends.
         columns = tuple(sorted(done[0].values)) if done else ()
-        if self._functions_refused or any(tuple(sorted(c.values)) != columns for c in done):
+        message = done[0].message if done else ""
+        if self._functions_refused or any(
+            tuple(sorted(c.values)) != columns or c.message != message for c in done
+        ):
             return None
         with self._kept() as conn:
             return self._complete_and_claim(conn, owner, done, columns, now, lease, limit, sender)
@@ -233,8 +236,9 @@ class PostgresStore(Store):
     ) -> Completed | None:
         raw = _raw(conn)
         params: dict[str, Any] = {
-            "id": [c.task_id for c in done],
-            "msg": [c.message for c in done],
+            # The ids as an array literal: psycopg's dumping of a list costs more.
+            "id": "{" + ",".join(str(c.task_id) for c in done) + "}",
+            "msg": done[0].message if done else "",
         }
         uniform = []
         for i, col in enumerate(columns):
@@ -271,7 +275,7 @@ class PostgresStore(Store):
                         return None
                     created.add(name)
                 cur = raw.execute(call, params)
-                names = [n.removeprefix("r_") for n in _names(call, cur)]
+                names = _names(call, cur, "r_")
                 values = cur.fetchall()
             finally:
                 raw.autocommit = False
@@ -523,12 +527,12 @@ def _fetch(conn: sa.Connection, sql: str, params: Any) -> tuple[list[str], list[
 _NAMES: dict[str, list[str]] = {}  # statement -> its column names
 
 
-def _names(sql: str, cur: psycopg.Cursor[Any]) -> list[str]:
-    """The column names of `sql`'s rows, read from the first result only: psycopg builds
-    a description object per column at every call."""
+def _names(sql: str, cur: psycopg.Cursor[Any], prefix: str = "") -> list[str]:
+    """The column names of `sql`'s rows (without `prefix`), read from the first result
+    only: psycopg builds a description object per column at every call."""
     names = _NAMES.get(sql)
     if names is None:
-        names = _NAMES[sql] = [d.name for d in cur.description or ()]
+        names = _NAMES[sql] = [d.name.removeprefix(prefix) for d in cur.description or ()]
     return names
 
 
@@ -755,10 +759,10 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
     one = {name for name, same in zip(kinds, uniform, strict=True) if same}
     arrays = _source(
         "u",
-        (("id", "uuid"), ("msg", "text"), *((n, k) for n, k in kinds.items() if n not in one)),
+        (("id", "uuid"), *((n, k) for n, k in kinds.items() if n not in one)),
         False,
     )
-    scalars = "".join(f", %({n})b AS {n}" for n in kinds if n in one)
+    scalars = "".join(f", %({n})b AS {n}" for n in ("msg", *kinds) if n == "msg" or n in one)
     source = f"(SELECT u.*{scalars} FROM {arrays}) AS v"
     allowed = ", ".join(
         psycopg.sql.Literal(a.value).as_string(None) for a in sources(Move.COMPLETE)
@@ -772,7 +776,7 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
     )
     args = {
         "id": "uuid[]",
-        "msg": "text[]",
+        "msg": "text",
         **{n: k if n in one else f"{k}[]" for n, k in kinds.items()},
         "now": "timestamptz",
         "actor": "text",
@@ -833,6 +837,7 @@ END"""
         f"AS $taskomatic${body}\n$taskomatic$"
     )
     call = f"SELECT * FROM {name}({', '.join(f'%({n})b::{k}' for n, k in args.items())})"
+    call = call.replace("%(id)b", "%(id)s", 1)  # sent as text: see complete_and_claim
     return name, create, call
 
 

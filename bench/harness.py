@@ -257,10 +257,14 @@ def measure(
     samples: list[dict[str, Any]],
 ) -> bool:
     """Every workload, --repeat times, every subject once per repetition (order flipping
-    each time); appends to `samples` as it goes; returns whether any run failed."""
+    each time); appends to `samples` as it goes; returns whether any run failed.
+
+    Repetitions are the outer loop: a ratio of two workloads (the history over the empty
+    table, fan-out over its baseline) pairs runs made a minute apart, not a quarter of an
+    hour, so the machine's drift over the run does not land on one side of it."""
     failed = False
-    for workload in workloads:
-        for rep in range(args.repeat):
+    for rep in range(args.repeat):
+        for workload in workloads:
             for subject in subjects if rep % 2 == 0 else reversed(subjects):
                 if not subject.does(workload):
                     continue

@@ -243,6 +243,31 @@ def test_each_task_completed_in_one_cycle_keeps_its_own_result(queue: Queue) -> 
         assert [(type(t.result), t.result) for t in stored] == [(type(r), r) for r in results]
 
 
+def test_a_cycle_after_the_server_dropped_the_kept_connection_runs_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """PostgreSQL's one-step cycle keeps its connection between cycles; when the server ends
+    that session, the next cycle is retried on a new connection and loses nothing."""
+    name = sa.make_url(pg_url).database
+    admin = sa.make_url(pg_url).set(drivername="postgresql", database="postgres")
+    with open_queue(pg_url) as queue:
+        a, b = queue.submit_many(
+            [TaskSpec("noop", name="a"), TaskSpec("noop", name="b", after=["a"])]
+        )
+        owner = uuid.uuid4()
+        first = queue.cycle(owner, [], 1, 30.0)
+        assert [t.id for t in first.claimed] == [a.id]
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [name],
+            )
+        second = queue.cycle(owner, [Outcome(first.claimed[0], True, result="done")], 1, 30.0)
+        assert [t.id for t in second.claimed] == [b.id]
+        assert queue.get(a.id).state is State.COMPLETE
+        assert queue.get(a.id).result == "done"
+
+
 def test_concurrent_claimers_never_share_a_task(db_url: str) -> None:
     """Four dispatchers claiming at once get disjoint sets that cover every task."""
     with open_queue(db_url) as queue:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import threading
 import time
+from collections.abc import Sequence
 
 from taskomatic.store.base import Listener, Store
 
@@ -88,6 +90,14 @@ class Watcher:
             self._thread.join(timeout=2)
 
 
+def readable(fds: Sequence[int], timeout: float) -> set[int]:
+    """Which of `fds` are readable, waiting up to `timeout` seconds (poll(): any fd number)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(math.ceil(max(timeout, 0.0) * 1000))}
+
+
 class Waiter:
     """How one thread's loop waits for the Signal and, where the store has one, its
     Listener in the same select(): another process's commit then wakes this thread itself
@@ -103,32 +113,40 @@ class Waiter:
             self._pipe = os.pipe()
             for fd in self._pipe:
                 os.set_blocking(fd, False)
-            with signal._cond:
-                signal._pipes.add(self._pipe[1])
 
     def wait(self, seen: int, timeout: float) -> bool:
         """Block until the generation differs from `seen`; False on timeout."""
         if self._listener is None or self._pipe is None:
             return self._signal.wait(seen, timeout)
         deadline = time.monotonic() + timeout
-        ours = self._pipe[0]
-        while self._signal.generation == seen:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            socket = self._listener.fileno()
-            waiting = [ours] if socket is None else [ours, socket]
-            ready, _, _ = select.select(waiting, [], [], min(left, self._listener.due_in()))
-            if ours in ready:
-                os.read(ours, 4096)  # the generation says what happened
-            if (socket in ready or not ready) and self._listener.read():
-                self._signal.fire()
-        return True
+        ours, theirs = self._pipe
+        signal = self._signal
+        with signal._cond:
+            if signal._generation != seen:
+                return True
+            # Written to by fire() only while we wait: a busy dispatcher costs the workers
+            # finishing tasks no system call.
+            signal._pipes.add(theirs)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                socket = self._listener.fileno()
+                fds = (ours,) if socket is None else (ours, socket)
+                ready = readable(fds, min(left, self._listener.due_in()))
+                if ours in ready:
+                    os.read(ours, 4096)  # the generation says what happened
+                if (socket in ready or not ready) and self._listener.read():
+                    signal.fire()
+                if signal.generation != seen:
+                    return True
+        finally:
+            with signal._cond:
+                signal._pipes.discard(theirs)
 
     def close(self) -> None:
         if self._pipe is not None:
-            with self._signal._cond:
-                self._signal._pipes.discard(self._pipe[1])
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import re
-import select
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from taskomatic import defaults
 from taskomatic import schema as s
 from taskomatic.model import Move, State, Task, sources, target
 from taskomatic.store.base import _SCHEDULED, Change, Completed, Moved, Store
+from taskomatic.wakeup import readable
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,7 @@ class Listener:
         if fd is None:
             time.sleep(pause)
         else:
-            select.select([fd], [], [], pause)
+            readable([fd], pause)
         return self.read()
 
     def close(self) -> None:

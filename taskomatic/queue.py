@@ -98,7 +98,7 @@ class Queue:
 
     def waiter(self) -> wakeup.Waiter:
         """For a thread that waits for changes in a loop (a dispatcher): with the store's
-        listener in its own select() where there is one, else through the watcher thread.
+        listener in its own poll() where there is one, else through the watcher thread.
         Close it when done."""
         listener = self.store.listener(self.token)
         if listener is None:

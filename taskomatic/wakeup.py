@@ -100,7 +100,7 @@ def readable(fds: Sequence[int], timeout: float) -> set[int]:
 
 class Waiter:
     """How one thread's loop waits for the Signal and, where the store has one, its
-    Listener in the same select(): another process's commit then wakes this thread itself
+    Listener in the same poll(): another process's commit then wakes this thread itself
     rather than the watcher thread, which would have to hand over to it. The dispatcher's
     loop waits this way; where the store has no listener, it waits on the Signal alone,
     with the watcher thread running."""

@@ -124,7 +124,7 @@ class Store(InventoryStatements, ObserveStatements):
         raise NotImplementedError
 
     def listener(self, sender: str) -> Listener | None:
-        """A connection a thread can wait on with select() for commits by others than
+        """A connection a thread can wait on with poll() for commits by others than
         `sender`, or None where the store has none (SQLite: `watch` polls)."""
         return None
 

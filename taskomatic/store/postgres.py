@@ -414,7 +414,7 @@ class PostgresStore(Store):
 
 
 class Listener:
-    """A LISTEN connection that one thread waits on with select(): other processes' commits.
+    """A LISTEN connection that one thread waits on with poll(): other processes' commits.
 
     The watcher thread waits on one; so does a dispatcher's own loop, next to its wake-up
     pipe, so that another process's submission wakes it directly: through the watcher

@@ -796,11 +796,10 @@ DECLARE
   moved uuid[] := '{{}}'; dep record; claimed bigint := 0;
 BEGIN
   IF cardinality(p_id) > 0 THEN
-    {move} SELECT array_agg(id), array_agg(state), array_agg(owner)
-      INTO found_id, found_state, found_owner FROM old;
-    moved := ARRAY(SELECT f.id FROM unnest(found_id, found_state, found_owner)
-                     AS f(id, state, owner) WHERE f.state = ANY(ARRAY[{allowed}])
-                                                  AND f.owner = p_owner);
+    -- The rows found, and those the guarded update moved, in one statement.
+    {move} SELECT array_agg(id), array_agg(state), array_agg(owner),
+                  (SELECT coalesce(array_agg(u.id), '{{}}') FROM u)
+      INTO found_id, found_state, found_owner, moved FROM old;
     -- Each dependent by its primary key, as release_dependents does (and why).
     FOR dep IN {_bind(_COUNT_DONE, ids="moved")} LOOP
       {_bind(_RELEASE, n="dep.n", id="dep.task_id")};

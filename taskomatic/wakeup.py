@@ -27,7 +27,7 @@ class Signal:
         self._cond = threading.Condition()
         self._generation = 0
         self._mine = threading.local()
-        self._pipes: set[int] = set()  # write ends of the Waiters' pipes
+        self._pipes: set[int] = set()  # see attach()
 
     @property
     def generation(self) -> int:
@@ -39,7 +39,7 @@ class Signal:
             self._generation += 1
             self._mine.count = self.fired_here() + 1
             self._cond.notify_all()
-            # Under the lock: a Waiter closing its pipe cannot leave us a reused fd.
+            # Under the lock: a pipe detached and closed cannot leave us a reused fd.
             for fd in self._pipes:
                 with contextlib.suppress(BlockingIOError):  # full: readable already
                     os.write(fd, b"!")
@@ -57,6 +57,20 @@ class Signal:
         """Block until the generation differs from `seen`; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._generation != seen, timeout)
+
+    def attach(self, fd: int, seen: int) -> bool:
+        """Write a byte to `fd` at every fire from now on (until `detach`), so that a thread
+        can wait for the signal in poll() along with sockets; False, and nothing attached,
+        if the generation has moved past `seen` already."""
+        with self._cond:
+            if self._generation != seen:
+                return False
+            self._pipes.add(fd)
+            return True
+
+    def detach(self, fd: int) -> None:
+        with self._cond:
+            self._pipes.discard(fd)
 
 
 class Watcher:
@@ -121,12 +135,10 @@ class Waiter:
         deadline = time.monotonic() + timeout
         ours, theirs = self._pipe
         signal = self._signal
-        with signal._cond:
-            if signal._generation != seen:
-                return True
-            # Written to by fire() only while we wait: a busy dispatcher costs the workers
-            # finishing tasks no system call.
-            signal._pipes.add(theirs)
+        # Attached only while we wait: a busy dispatcher costs the workers finishing tasks
+        # no system call.
+        if not signal.attach(theirs, seen):
+            return True
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -142,8 +154,7 @@ class Waiter:
                 if signal.generation != seen:
                     return True
         finally:
-            with signal._cond:
-                signal._pipes.discard(theirs)
+            signal.detach(theirs)
 
     def close(self) -> None:
         if self._pipe is not None:

@@ -17,10 +17,12 @@ from taskomatic.wakeup import Waiter
 
 @contextmanager
 def listening(queue: Queue) -> Iterator[Waiter]:
-    """A waiter that has connected (its first wake-up, for whatever came before, is taken)."""
+    """A waiter that has started listening: that first wake-up (for whatever was committed
+    before: LISTEN's new connection, the SQLite watcher's start) is taken."""
+    seen = queue.signal.generation
     waiter = queue.waiter()
     try:
-        waiter.wait(queue.signal.generation, 0.5)
+        assert waiter.wait(seen, 10), "no wake-up when listening began"
         yield waiter
     finally:
         waiter.close()

@@ -200,21 +200,21 @@ class PostgresStore(Store):
         try:
             yield conn
         except BaseException:
-            self._kept_here.conn = None
-            with self._kept_lock:
-                self._kept_all.discard(conn)
             if not conn.invalidated and _raw(conn).broken:
                 conn.invalidate()  # not handed back to the pool
-            conn.close()
+            self._drop_kept(conn)
             raise
 
     def release_kept(self) -> None:
         conn = getattr(self._kept_here, "conn", None)
         if conn is not None:
-            self._kept_here.conn = None
-            with self._kept_lock:
-                self._kept_all.discard(conn)
-            conn.close()
+            self._drop_kept(conn)
+
+    def _drop_kept(self, conn: sa.Connection) -> None:
+        self._kept_here.conn = None
+        with self._kept_lock:
+            self._kept_all.discard(conn)
+        conn.close()
 
     def close(self) -> None:
         with self._kept_lock:
@@ -473,9 +473,9 @@ class Listener:
         return self.read()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _connect(self) -> None:
         conn = psycopg.connect(self._conninfo, autocommit=True)
@@ -492,7 +492,6 @@ class Listener:
         log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, self._delay)
         with contextlib.suppress(psycopg.Error):
             self.close()
-        self._conn = None
         self._retry_at = time.monotonic() + self._delay
         self._delay = min(self._delay * 2, defaults.DB_RETRY_MAX_SECONDS)
 
@@ -762,7 +761,7 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
         (("id", "uuid"), *((n, k) for n, k in kinds.items() if n not in one)),
         False,
     )
-    scalars = "".join(f", %({n})b AS {n}" for n in ("msg", *kinds) if n == "msg" or n in one)
+    scalars = "".join(f", %({n})b AS {n}" for n in ("msg", *(n for n in kinds if n in one)))
     source = f"(SELECT u.*{scalars} FROM {arrays}) AS v"
     allowed = ", ".join(
         psycopg.sql.Literal(a.value).as_string(None) for a in sources(Move.COMPLETE)
@@ -835,8 +834,9 @@ END"""
         "SET plan_cache_mode = force_generic_plan "
         f"AS $taskomatic${body}\n$taskomatic$"
     )
-    call = f"SELECT * FROM {name}({', '.join(f'%({n})b::{k}' for n, k in args.items())})"
-    call = call.replace("%(id)b", "%(id)s", 1)  # sent as text: see complete_and_claim
+    # The ids go as text, an array literal (see complete_and_claim); the rest as binary.
+    sent = ", ".join(f"%({n}){'s' if n == 'id' else 'b'}::{k}" for n, k in args.items())
+    call = f"SELECT * FROM {name}({sent})"
     return name, create, call
 
 

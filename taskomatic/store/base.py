@@ -67,6 +67,7 @@ class Completed:
     claimed: list[Task]  # those of `picked` without lock keys, started
     picked: list[uuid.UUID]  # the runnable tasks it found, in dispatch order
     next_due: datetime | None  # as `next_due`, read only when it picked something
+    announced: bool  # it notified other processes (of changes, if it made any)
 
 
 class Listener(Protocol):
@@ -316,12 +317,15 @@ class Store(InventoryStatements, ObserveStatements):
         lease: timedelta,
         limit: int,
         sender: str,
+        quiet: bool = False,
     ) -> Completed | None:
         """The dispatcher's common cycle as ONE step on the server, a transaction of its
         own: complete `done` (running tasks of `owner` without lock keys or group, all with
         the same columns), release their dependents, claim up to `limit` tasks without lock
-        keys, notify as `sender` if anything moved, commit. None where the backend has no
-        such step: the caller takes the general path."""
+        keys, notify as `sender` if anything moved, commit. With `quiet`, it does not notify
+        when it claimed fewer than `limit` (no runnable work is left for others; the caller
+        announces its changes later). None where the backend has no such step: the caller
+        takes the general path."""
         return None
 
     def release_kept(self) -> None:

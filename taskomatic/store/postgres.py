@@ -175,6 +175,7 @@ class PostgresStore(Store):
         lease: timedelta,
         limit: int,
         sender: str,
+        quiet: bool = False,
     ) -> Completed | None:
         # One call of a function of this session (`_cycle_function`), made of the same
         # statements as `move`, `release_dependents` and `claim`: one round trip, committed
@@ -186,7 +187,9 @@ class PostgresStore(Store):
         ):
             return None
         with self._kept() as conn:
-            return self._complete_and_claim(conn, owner, done, columns, now, lease, limit, sender)
+            return self._complete_and_claim(
+                conn, owner, done, columns, now, lease, limit, sender, quiet
+            )
 
     @contextlib.contextmanager
     def _kept(self) -> Iterator[sa.Connection]:
@@ -233,6 +236,7 @@ class PostgresStore(Store):
         lease: timedelta,
         limit: int,
         sender: str,
+        quiet: bool,
     ) -> Completed | None:
         raw = _raw(conn)
         params: dict[str, Any] = {
@@ -256,6 +260,7 @@ class PostgresStore(Store):
             lease_until=now + lease,
             limit=limit,
             sender=sender,
+            quiet=quiet,
         )
         created = conn.info.setdefault(_FUNCTIONS, set())
         with _as_dbapi_error(conn, call, params):
@@ -293,6 +298,8 @@ class PostgresStore(Store):
             claimed,
             [r._mapping["id"] for r in picked],
             due.astimezone(UTC) if due is not None else None,
+            # The function's rule for its NOTIFY (see _cycle_function).
+            not quiet or len(picked) >= limit,
         )
 
     def next_due(self, conn: sa.Connection, now: datetime) -> datetime | None:
@@ -761,7 +768,8 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
     """A function of the session that completes tasks setting `columns` (as `move` does;
     those `uniform` to one value for all tasks, the others to one value each), releases
     their dependents (as `release_dependents`), claims (as `claim`, leaving tasks with lock
-    keys for `claim`) and notifies: (its name, CREATE, call).
+    keys for `claim`) and notifies (unless `p_quiet` and it claimed fewer than `p_limit`):
+    (its name, CREATE, call).
 
     It returns the claimed rows (`r_started` true, or false for one passed over) then one
     row per completed task found (`r_started` NULL; `r_id`, `r_state`, `r_owner` as found
@@ -797,6 +805,7 @@ def _cycle_function(columns: tuple[str, ...], uniform: tuple[bool, ...]) -> tupl
         "lease_until": "timestamptz",
         "limit": "integer",
         "sender": "text",
+        "quiet": "boolean",
     }
     typed = {c.name: c.type.compile(dialect=_DIALECT) for c in s.tasks.c}
     found = ", ".join(
@@ -824,7 +833,8 @@ BEGIN
   END IF;
   RETURN QUERY SELECT {found}, CAST(NULL AS boolean), CAST(NULL AS timestamptz)
     FROM unnest(found_id, found_state, found_owner) AS f(id, state, owner);
-  IF cardinality(moved) > 0 OR claimed > 0 THEN
+  -- Quiet, it leaves the announcement to its caller unless others may find work.
+  IF (cardinality(moved) > 0 OR claimed > 0) AND (NOT p_quiet OR claimed >= p_limit) THEN
     PERFORM pg_notify({psycopg.sql.Literal(defaults.NOTIFY_CHANNEL).as_string(None)}, p_sender);
   END IF;
 END"""

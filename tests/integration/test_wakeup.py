@@ -4,14 +4,18 @@ own LISTEN connection in the same select() as its wake-up pipe; SQLite: the watc
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from helpers import running_dispatcher
 
-from taskomatic import Queue, defaults
+from taskomatic import Queue, State, TaskSpec, defaults
+from taskomatic.queue import Outcome
 from taskomatic.wakeup import Waiter
 
 
@@ -28,9 +32,12 @@ def listening(queue: Queue) -> Iterator[Waiter]:
         waiter.close()
 
 
+def _conninfo(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def _notify(url: str, payload: str) -> None:
-    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(_conninfo(url), autocommit=True) as conn:
         conn.execute("SELECT pg_notify(%s, %s)", [defaults.NOTIFY_CHANNEL, payload])
 
 
@@ -83,3 +90,54 @@ def test_a_lost_listen_connection_is_replaced_and_wakes_the_waiter(
         assert not waiter.wait(seen, 0.3)
         theirs.submit("noop")
         assert waiter.wait(seen, 10), "the new connection does not deliver notifications"
+
+
+def test_a_quiet_cycle_notifies_only_when_it_may_leave_work_for_others(pg_url: str) -> None:
+    """A quiet cycle (its dispatcher told others of its changes a moment ago) that claims
+    fewer tasks than it may leaves no runnable task for other dispatchers: it does not
+    notify and says so; `announce()` then does. One that claims as many as it may, or one
+    that is not quiet, notifies at once."""
+    owner = uuid.uuid4()
+    with Queue.open(pg_url) as ours, Queue.open(pg_url) as theirs, listening(theirs) as waiter:
+        ours.submit_many([TaskSpec("noop") for _ in range(3)])
+        seen = theirs.signal.generation
+        full = ours.cycle(owner, [], 2, 60, quiet=True)
+        assert (len(full.claimed), full.announced, full.unannounced) == (2, True, False)
+        assert waiter.wait(seen, 10), "a full claim (work may be left) was not announced"
+
+        seen = theirs.signal.generation
+        last = ours.cycle(owner, [], 5, 60, quiet=True)
+        assert (len(last.claimed), last.announced, last.unannounced) == (1, False, True)
+        assert not waiter.wait(seen, 0.5), "a quiet cycle leaving no work notified"
+        ours.announce()
+        assert waiter.wait(seen, 10), "announce() did not notify"
+
+        seen = theirs.signal.generation
+        ended = ours.cycle(owner, [Outcome(t, True) for t in full.claimed], 5, 60)
+        assert (ended.announced, ended.unannounced) == (True, False)
+        assert waiter.wait(seen, 10), "a cycle that is not quiet did not notify"
+
+
+def test_a_busy_dispatcher_coalesces_its_notifications_and_announces_its_last_change(
+    pg_url: str,
+) -> None:
+    """Running a chain, a dispatcher tells other processes of its changes at most every
+    NOTIFY_COALESCE_SECONDS, not at every cycle, yet tells them of its last change too: a
+    wait in another process ends with the chain, not at its next safety poll."""
+    chain = [TaskSpec("noop", name="t0")]
+    chain += [TaskSpec("noop", name=f"t{i}", after=[f"t{i - 1}"]) for i in range(1, 30)]
+    with (
+        Queue.open(pg_url) as ours,
+        Queue.open(pg_url) as theirs,
+        psycopg.connect(_conninfo(pg_url), autocommit=True) as listen,
+    ):
+        listen.execute(f"LISTEN {defaults.NOTIFY_CHANNEL}")
+        tasks = ours.submit_many(chain)
+        with running_dispatcher(ours, poll=30, workers=2):
+            (last,) = theirs.wait([tasks[-1].id], timeout=25)
+            heard_at = datetime.now(UTC)
+        assert last.state is State.COMPLETE and last.finished_at is not None
+        late = (heard_at - last.finished_at).total_seconds()
+        assert late < defaults.SAFETY_POLL_SECONDS / 2, f"heard of the end {late:.1f}s late"
+        heard = [n for n in listen.notifies(timeout=0.5) if n.payload == ours.token]
+        assert 0 < len(heard) < len(tasks), f"{len(heard)} notifications for {len(tasks)} hops"

@@ -129,11 +129,13 @@ def test_a_quiet_cycle_notifies_only_when_it_may_leave_work_for_others(pg_url: s
 
 
 def test_a_busy_dispatcher_coalesces_its_notifications_and_announces_its_last_change(
-    pg_url: str,
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Running a chain, a dispatcher tells other processes of its changes at most every
     NOTIFY_COALESCE_SECONDS, not at every cycle, yet tells them of its last change too: a
     wait in another process ends with the chain, not at its next safety poll."""
+    # A window longer than the chain, so that no machine is too slow to show the coalescing.
+    monkeypatch.setattr(defaults, "NOTIFY_COALESCE_SECONDS", 0.5)
     chain = [TaskSpec("noop", name="t0")]
     chain += [TaskSpec("noop", name=f"t{i}", after=[f"t{i - 1}"]) for i in range(1, 30)]
     with (

@@ -233,10 +233,13 @@ class Queue:
         prepared = prepare(specs, self.registry)
         group_id = group[0] if group else None
 
-        def write(conn: sa.Connection, now: datetime) -> builtins.list[Task]:
+        def write(
+            conn: sa.Connection, now: datetime, everything: bool = False
+        ) -> builtins.list[Task]:
             ids = [p.id for p in prepared]
-            # Only an id the caller chose can exist already; ours are new UUIDs.
-            chosen = [p.id for p in prepared if p.chosen]
+            # Only an id the caller chose can exist already (ours are new UUIDs), unless an
+            # earlier attempt of this call committed but its reply was lost.
+            chosen = ids if everything else [p.id for p in prepared if p.chosen]
             existing = {t.id: t for t in self.store.get_many(conn, chosen)}
             for p in prepared:
                 if p.id in existing:
@@ -275,10 +278,38 @@ class Queue:
             return [_new_task(row, p.after) for row, p in zip(rows, fresh, strict=True)]
 
         try:
+            if group is None and _stands_alone(prepared):
+                quick = self._insert_alone(prepared, created_by)
+                if quick is not None:
+                    return quick
             return self._write(write)
         except sa.exc.IntegrityError:
-            # Another submitter inserted one of these ids first: compare with what it wrote.
-            return self._write(write)
+            # Another submitter inserted one of these ids first, or our own attempt did:
+            # compare with what is there.
+            return self._write(functools.partial(write, everything=True))
+
+    def _insert_alone(
+        self, prepared: Sequence[Prepared], created_by: str | None
+    ) -> builtins.list[Task] | None:
+        """`submit_many` for tasks that need nothing read first, where the store has a
+        quicker way than a transaction of statements; None where it has not."""
+        inside = {p.id for p in prepared}
+        edges = [(p.id, a) for p in prepared for a in p.after]
+        locks = [(p.id, k) for p in prepared for k in p.locks]
+        events = [(p.id, None, State.NEW, "submitted") for p in prepared]
+        actor = created_by or self.actor
+
+        def attempt() -> builtins.list[dict[str, Any]] | None:
+            now = self.now()
+            rows = [_row(p, now, None, created_by, {}, inside) for p in prepared]
+            inserted = self.store.insert_alone(rows, edges, locks, events, actor, now, self.token)
+            return rows if inserted else None
+
+        rows = self._retrying(attempt)
+        if rows is None:
+            return None
+        self.signal.fire()
+        return [_new_task(row, p.after) for row, p in zip(rows, prepared, strict=True)]
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -1104,6 +1135,15 @@ def backoff(attempt: int) -> float:
         defaults.RETRY_BACKOFF_MAX_SECONDS,
     )
     return base * random.uniform(1 - defaults.RETRY_JITTER, 1 + defaults.RETRY_JITTER)
+
+
+def _stands_alone(prepared: Sequence[Prepared]) -> bool:
+    """Whether a submission needs nothing read before it is written: ids of our own
+    making (none can exist yet), prerequisites among its own tasks only."""
+    inside = {p.id for p in prepared}
+    return not any(p.chosen for p in prepared) and all(
+        a in inside for p in prepared for a in p.after
+    )
 
 
 def _row(

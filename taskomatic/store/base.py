@@ -230,6 +230,22 @@ class Store(InventoryStatements, ObserveStatements):
         if locks:
             conn.execute(s.task_locks.insert(), [{"task_id": a, "key": k} for a, k in locks])
 
+    def insert_alone(
+        self,
+        rows: list[dict[str, Any]],
+        edges: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        locks: Sequence[tuple[uuid.UUID, str]],
+        events: Sequence[tuple[uuid.UUID, State | None, State, str]],
+        actor: str,
+        now: datetime,
+        sender: str,
+    ) -> bool:
+        """New tasks that need nothing read first, as a transaction of their own: insert
+        them with their edges, lock keys and event rows (as `insert_tasks` and
+        `insert_events`), notify as `sender`, commit. False where the backend has no
+        quicker way than `write()`: the caller takes that."""
+        return False
+
     def insert_events(
         self,
         conn: sa.Connection,

@@ -110,23 +110,8 @@ class PostgresStore(Store):
         now: datetime,
     ) -> None:
         rows = list(events)
-        if not rows:
-            return
-        source, columns = _rows(
-            "e",
-            {
-                "ids": ("uuid", [r[0] for r in rows]),
-                "src": ("text", [r[1].value if r[1] is not None else None for r in rows]),
-                "dst": ("text", [r[2].value for r in rows]),
-                "msg": ("text", [r[3] for r in rows]),
-            },
-        )
-        _defer(
-            conn,
-            "INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
-            f"SELECT e.ids, e.src, e.dst, %(at)b, %(actor)b, e.msg FROM {source}",
-            {**columns, "at": now, "actor": actor},
-        )
+        if rows:
+            _defer(conn, *_event_insert(rows, actor, now))
 
     def claim(
         self, conn: sa.Connection, owner: uuid.UUID, now: datetime, lease: timedelta, limit: int
@@ -381,28 +366,31 @@ class PostgresStore(Store):
     ) -> None:
         # As Store.insert_tasks, each table in one statement of arrays, sent with the next
         # statement (for a submission, with its COMMIT); `seq` comes from its sequence.
-        if not rows:
-            return
-        names = tuple(rows[0])
-        source, columns = _rows(
-            "v",
-            {f"c{i}": _task_column(c, [r[c] for r in rows]) for i, c in enumerate(names)},
-        )
-        _defer(conn, _insert_sql(names, source), columns)
-        if edges:
-            source, columns = _rows(
-                "e", {"a": ("uuid", [a for a, _ in edges]), "b": ("uuid", [b for _, b in edges])}
-            )
-            _defer(
-                conn,
-                f"INSERT INTO task_prerequisites (task_id, prerequisite_id) SELECT * FROM {source}",
-                columns,
-            )
-        if locks:
-            source, columns = _rows(
-                "k", {"a": ("uuid", [a for a, _ in locks]), "b": ("text", [k for _, k in locks])}
-            )
-            _defer(conn, f"INSERT INTO task_locks (task_id, key) SELECT * FROM {source}", columns)
+        for sql, params in _task_inserts(rows, edges, locks):
+            _defer(conn, sql, params)
+
+    def insert_alone(
+        self,
+        rows: list[dict[str, Any]],
+        edges: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        locks: Sequence[tuple[uuid.UUID, str]],
+        events: Sequence[tuple[uuid.UUID, State | None, State, str]],
+        actor: str,
+        now: datetime,
+        sender: str,
+    ) -> bool:
+        # The statements `insert_tasks`, `insert_events` and `notify` defer, as the one
+        # statement they would make, run on a pooled connection of its own in autocommit:
+        # no SQLAlchemy connection, transaction or commit around it. A cold submission
+        # (the common one: a user or a web UI submits now and then) spends more time in
+        # that bookkeeping than the server spends inserting.
+        statements = [
+            *_task_inserts(rows, edges, locks),
+            _event_insert(events, actor, now),
+            (_notify_sql(defaults.NOTIFY_CHANNEL, sender), {}),
+        ]
+        _autocommit(self.engine, *_combined(statements))
+        return True
 
     def _create_types(self) -> None:
         with self.engine.begin() as conn:
@@ -634,9 +622,39 @@ def _as_dbapi_error(conn: sa.Connection, sql: str, params: Any) -> Iterator[None
     except psycopg.Error as exc:
         conn.info.pop(_DEFERRED, None)
         # A broken connection is dropped by SQLAlchemy's rollback, which follows.
-        raise sa.exc.DBAPIError.instance(
-            sql, params, exc, psycopg.Error, connection_invalidated=_raw(conn).broken
-        ) from exc
+        raise _dbapi_error(exc, sql, params, _raw(conn)) from exc
+
+
+def _autocommit(engine: sa.Engine, sql: str, params: dict[str, Any]) -> None:
+    """Run `sql` as a transaction of its own on a pooled connection, outside SQLAlchemy's
+    connections; psycopg's errors raised as SQLAlchemy's, a broken connection dropped."""
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as exc:  # could not connect
+        raise sa.exc.DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+    raw = cast("psycopg.Connection[Any]", pooled.driver_connection)
+    try:
+        raw.autocommit = True
+        try:
+            raw.execute(sql, params)
+        finally:
+            if not raw.broken:
+                raw.autocommit = False
+    except psycopg.Error as exc:
+        if raw.broken:
+            pooled.invalidate()  # not handed back to the pool
+        raise _dbapi_error(exc, sql, params, raw) from exc
+    finally:
+        pooled.close()
+
+
+def _dbapi_error(
+    exc: psycopg.Error, sql: str, params: Any, raw: psycopg.Connection[Any]
+) -> sa.exc.StatementError:
+    """`exc` as the SQLAlchemy error SQLAlchemy would have raised for it."""
+    return sa.exc.DBAPIError.instance(
+        sql, params, exc, psycopg.Error, connection_invalidated=raw.broken
+    )
 
 
 @functools.cache
@@ -649,13 +667,76 @@ def _notify_sql(channel: str, payload: str) -> str:
 
 
 @functools.cache
-def _insert_sql(columns: tuple[str, ...], source: str) -> str:
-    """INSERT of task rows from `source`, whose columns c0, c1, … are `columns` in order."""
-    values = ", ".join(_element(f"v.c{i}", c) for i, c in enumerate(columns))
+def _task_insert(
+    columns: tuple[str, ...], one: bool
+) -> tuple[str, tuple[tuple[str, str, Callable[[Any], Any]], ...]]:
+    """INSERT of task rows with `columns` (one row, or arrays of them), and what it takes:
+    (parameter, column, converter) each. Worked out once per shape: a submission of one
+    task spends less time here than the server spends inserting it."""
+    plan = tuple((f"c{i}", c, _array_of(c)[1]) for i, c in enumerate(columns))
+    source = _source("v", tuple((name, _array_of(c)[0]) for name, c, _ in plan), one)
+    values = ", ".join(_element(f"v.{name}", c) for name, c, _ in plan)
     # `seq` from its sequence, in the order of the rows: the order of submission.
-    return (
+    sql = (
         f"INSERT INTO tasks (seq, {', '.join(columns)}) "
         f"SELECT nextval('{s.task_seq.name}'), {values} FROM {source}"
+    )
+    return sql, plan
+
+
+def _task_inserts(
+    rows: list[dict[str, Any]],
+    edges: Sequence[tuple[uuid.UUID, uuid.UUID]],
+    locks: Sequence[tuple[uuid.UUID, str]],
+) -> list[tuple[str, dict[str, Any]]]:
+    """INSERTs of task rows, their prerequisite edges and lock keys: (SQL, parameters) each,
+    a table's rows in one statement."""
+    if not rows:
+        return []
+    one = len(rows) == 1
+    sql, plan = _task_insert(tuple(rows[0]), one)
+    if one:
+        columns = {name: convert(rows[0][column]) for name, column, convert in plan}
+    else:
+        columns = {name: [convert(r[column]) for r in rows] for name, column, convert in plan}
+    statements = [(sql, columns)]
+    if edges:
+        source, columns = _rows(
+            "e", {"a": ("uuid", [a for a, _ in edges]), "b": ("uuid", [b for _, b in edges])}
+        )
+        statements.append(
+            (
+                f"INSERT INTO task_prerequisites (task_id, prerequisite_id) SELECT * FROM {source}",
+                columns,
+            )
+        )
+    if locks:
+        source, columns = _rows(
+            "k", {"a": ("uuid", [a for a, _ in locks]), "b": ("text", [k for _, k in locks])}
+        )
+        statements.append(
+            (f"INSERT INTO task_locks (task_id, key) SELECT * FROM {source}", columns)
+        )
+    return statements
+
+
+def _event_insert(
+    rows: Sequence[tuple[uuid.UUID, State | None, State, str]], actor: str, now: datetime
+) -> tuple[str, dict[str, Any]]:
+    """INSERT of event rows (task, from, to, message), all by `actor` at `now`."""
+    source, columns = _rows(
+        "e",
+        {
+            "ids": ("uuid", [r[0] for r in rows]),
+            "src": ("text", [r[1].value if r[1] is not None else None for r in rows]),
+            "dst": ("text", [r[2].value for r in rows]),
+            "msg": ("text", [r[3] for r in rows]),
+        },
+    )
+    return (
+        "INSERT INTO task_events (task_id, from_state, to_state, at, actor, message) "
+        f"SELECT e.ids, e.src, e.dst, %(at)b, %(actor)b, e.msg FROM {source}",
+        {**columns, "at": now, "actor": actor},
     )
 
 

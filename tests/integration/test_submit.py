@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from helpers import claim, complete, open_queue, row_counts, run_to_failure
+from netfault import reply_cutter
 
 from taskomatic import Context, Param, Queue, Registry, State, TaskSpec, errors
 from taskomatic import schema as s
@@ -461,6 +463,50 @@ def test_submit_on_a_database_without_schema_says_to_init(db_url: str) -> None:
         assert queue.submit("noop").state is State.NEW
         with queue.store.read() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(s.tasks)).scalar() == 1
+
+
+@pytest.mark.parametrize(
+    ("how", "marker"),
+    [("tasks alone", b"INSERT INTO tasks"), ("a group", b"COMMIT")],
+)
+def test_a_submission_whose_commit_was_not_heard_of_returns_its_tasks_once(
+    pg_url: str, how: str, marker: bytes
+) -> None:
+    """The network fails after the server committed a submission but before its reply
+    arrived: the retry finds the tasks the first attempt wrote and returns them, as one
+    task each, rather than failing on their ids or writing them twice."""
+    specs = [TaskSpec("noop", name="a"), TaskSpec("noop", after=["a"], locks=["k"])]
+    with reply_cutter(pg_url) as cutter, open_queue(cutter.url.render_as_string(False)) as queue:
+        queue.submit("noop")  # connected, and past the session's first statements
+        cutter.cut_after(marker)
+        if how == "a group":
+            _, tasks = queue.submit_group(specs, name="g")
+        else:
+            tasks = queue.submit_many(specs)
+        assert cutter.cuts == 1
+        assert [queue.get(t.id) for t in tasks] == tasks
+        assert tasks[1].prerequisites == (tasks[0].id,) and tasks[1].pending == 1
+        counts = row_counts(queue)
+        assert (counts["tasks"], counts["task_events"], counts["task_prerequisites"]) == (3, 3, 1)
+
+
+def test_a_submission_after_the_server_ended_the_pooled_sessions_runs_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """Sessions the server ended (a restart, an administrator) are found broken when
+    a submission uses them: it is retried on a new connection and written once."""
+    url = sa.make_url(pg_url)
+    admin = url.set(drivername="postgresql", database="postgres")
+    with open_queue(pg_url) as queue:
+        first = queue.submit("noop")
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [url.database],
+            )
+        second = queue.submit("noop")
+        assert [queue.get(t.id) for t in (first, second)] == [first, second]
+        assert row_counts(queue)["tasks"] == 2
 
 
 def test_an_unreachable_database_is_given_up_on_after_give_up_seconds() -> None:

@@ -179,12 +179,19 @@ class PostgresStore(Store):
     @contextlib.contextmanager
     def _kept(self) -> Iterator[sa.Connection]:
         """This thread's own connection, kept from one call to the next (a dispatcher's
-        cycle: no checkout and return per cycle), dropped after any error."""
+        cycle: no checkout and return per cycle), dropped after any error. Each call is its
+        own transaction: the connection stays in autocommit while kept, not switched in
+        and out of it at every cycle (two calls into psycopg, 0.02 ms each when cold)."""
         conn = getattr(self._kept_here, "conn", None)
         if conn is None or conn.closed or conn.invalidated:
             conn = self._kept_here.conn = self.engine.connect()
             with self._kept_lock:
                 self._kept_all.add(conn)
+            try:
+                _raw(conn).autocommit = True
+            except BaseException:
+                self._drop_kept(conn)
+                raise
         try:
             yield conn
         except BaseException:
@@ -202,13 +209,13 @@ class PostgresStore(Store):
         self._kept_here.conn = None
         with self._kept_lock:
             self._kept_all.discard(conn)
-        conn.close()
+        _give_back(conn)
 
     def close(self) -> None:
         with self._kept_lock:
             kept, self._kept_all = self._kept_all, set()
         for conn in kept:
-            conn.close()
+            _give_back(conn)
         super().close()
 
     def _complete_and_claim(
@@ -248,27 +255,23 @@ class PostgresStore(Store):
             quiet=quiet,
         )
         created = conn.info.setdefault(_FUNCTIONS, set())
-        with _as_dbapi_error(conn, call, params):
-            raw.autocommit = True  # no BEGIN: the call is its own transaction
-            try:
-                if name not in created:
-                    try:
-                        raw.execute(create, prepare=False)
-                    except psycopg.errors.InsufficientPrivilege as exc:
-                        log.warning(
-                            "cannot create the session's cycle function (%s): each dispatcher "
-                            "cycle takes several round trips; GRANT TEMPORARY ON DATABASE to "
-                            "this role to make it one",
-                            str(exc).strip(),
-                        )
-                        self._functions_refused = True
-                        return None
-                    created.add(name)
-                cur = raw.execute(call, params)
-                names = _names(call, cur, "r_")
-                values = cur.fetchall()
-            finally:
-                raw.autocommit = False
+        with _as_dbapi_error(conn, call, params):  # in autocommit (see _kept): no BEGIN
+            if name not in created:
+                try:
+                    raw.execute(create, prepare=False)
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    log.warning(
+                        "cannot create the session's cycle function (%s): each dispatcher "
+                        "cycle takes several round trips; GRANT TEMPORARY ON DATABASE to "
+                        "this role to make it one",
+                        str(exc).strip(),
+                    )
+                    self._functions_refused = True
+                    return None
+                created.add(name)
+            cur = raw.execute(call, params)
+            names = _names(call, cur, "r_")
+            values = cur.fetchall()
         rows = [_Row(names, v) for v in values]
         found = {
             r._mapping["id"]: (State(r._mapping["state"]), r._mapping["owner"])
@@ -503,6 +506,17 @@ class Listener:
             self.close()
         self._retry_at = time.monotonic() + self._delay
         self._delay = min(self._delay * 2, defaults.DB_RETRY_MAX_SECONDS)
+
+
+def _give_back(conn: sa.Connection) -> None:
+    """Return a kept connection to the pool out of autocommit, as the pool hands them out
+    (or drop it, if it cannot even be switched back)."""
+    if not conn.invalidated:
+        try:
+            _raw(conn).autocommit = False
+        except psycopg.Error:
+            conn.invalidate()
+    conn.close()
 
 
 def _raw(conn: sa.Connection) -> psycopg.Connection[Any]:

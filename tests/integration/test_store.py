@@ -268,6 +268,24 @@ def test_a_cycle_after_the_server_dropped_the_kept_connection_runs_on_a_new_one(
         assert queue.get(a.id).result == "done"
 
 
+def test_the_cycles_kept_connection_goes_back_to_the_pool_transactional(pg_url: str) -> None:
+    """The one-step cycle keeps its connection in autocommit; once the dispatcher's loop
+    ends, the connection goes back to the pool out of it, so that a later transaction on
+    it is still all or nothing."""
+    with open_queue(pg_url) as queue:
+        queue.submit("noop")
+        assert len(queue.cycle(uuid.uuid4(), [], 1, 30.0).claimed) == 1
+        queue.cycles_done()
+        pool = queue.store.engine.pool
+        pooled = [queue.store.engine.raw_connection() for _ in range(pool.checkedin())]
+        try:
+            assert len(pooled) >= 1
+            assert [c.driver_connection.autocommit for c in pooled] == [False] * len(pooled)
+        finally:
+            for c in pooled:
+                c.close()
+
+
 def test_concurrent_claimers_never_share_a_task(db_url: str) -> None:
     """Four dispatchers claiming at once get disjoint sets that cover every task."""
     with open_queue(db_url) as queue:

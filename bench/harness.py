@@ -304,7 +304,12 @@ def measure(
 
 def _headline(workload: str, m: dict[str, Any]) -> str:
     if workload.startswith("latency"):
-        return f"p50 {m['start_p50_ms']:.2f} ms, p95 {m['start_p95_ms']:.2f} ms"
+        action = f"to the action p50 {m['action_p50_ms']:.2f} ms, p95 {m['action_p95_ms']:.2f} ms"
+        if "start_p50_ms" not in m:  # a peer: its figure ends at its job's first line
+            return action
+        return (
+            f"to started_at p50 {m['start_p50_ms']:.2f} ms, p95 {m['start_p95_ms']:.2f}; {action}"
+        )
     if workload == "chain":
         return f"hop p50 {m['hop_p50_ms']:.2f} ms, p95 {m['hop_p95_ms']:.2f} ms"
     head = (

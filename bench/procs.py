@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.machine import ROOT
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STAMP_MODULE = "bench.stamp"  # the latency workloads' action (see bench/stamp.py)
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -133,12 +134,18 @@ class DispatcherProcess:
 
     def start(self, registered: Callable[[int], bool], timeout: float = 60.0) -> DispatcherProcess:
         """Start, and return once it has announced itself and had time to LISTEN."""
-        args = ["--database-url", self.url, "dispatcher", "--workers", str(self.workers)]
+        args = [
+            "--database-url",
+            self.url,
+            *("--actions", STAMP_MODULE),
+            "dispatcher",
+            *("--workers", str(self.workers)),
+        ]
         env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         if self.statements_out is not None:
             command = [sys.executable, "-m", "bench.profiling", *args]
             env["BENCH_STATEMENTS_OUT"] = str(self.statements_out)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         else:
             command = [str(VENV_BIN / "taskomatic"), *args]
         with self.log_path.open("ab") as log:

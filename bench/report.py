@@ -50,10 +50,12 @@ ROWS = (
     Row("history", "total_rate", "submit + drain (tasks/s)"),
     Row("history", "submit_rate", "submit, one call (tasks/s)"),
     Row("history", "peak_rss_mb", "dispatcher peak RSS (MB)", "{:.0f}"),
-    Row("latency", "start_p50_ms", "dispatcher process: p50 (ms)", "{:.2f}"),
-    Row("latency", "start_p95_ms", "dispatcher process: p95 (ms)", "{:.2f}"),
-    Row("latency_inprocess", "start_p50_ms", "in-process Dispatcher: p50 (ms)", "{:.2f}"),
-    Row("latency_inprocess", "start_p95_ms", "in-process Dispatcher: p95 (ms)", "{:.2f}"),
+    Row("latency", "start_p50_ms", "to started_at, dispatcher process: p50 (ms)", "{:.2f}"),
+    Row("latency", "start_p95_ms", "to started_at, dispatcher process: p95 (ms)", "{:.2f}"),
+    Row("latency", "action_p50_ms", "to the action's first line: p50 (ms)", "{:.2f}"),
+    Row("latency", "action_p95_ms", "to the action's first line: p95 (ms)", "{:.2f}"),
+    Row("latency_inprocess", "start_p50_ms", "to started_at, in-process: p50 (ms)", "{:.2f}"),
+    Row("latency_inprocess", "action_p50_ms", "to the action, in-process: p50 (ms)", "{:.2f}"),
 )
 
 SECTIONS: dict[str, Callable[[Sizes], str]] = {
@@ -62,7 +64,8 @@ SECTIONS: dict[str, Callable[[Sizes], str]] = {
     "fan_baseline": lambda s: f"fan-out and fan-in, N = {s.fan:,}",
     "history": lambda s: f"{s.independent:,} independent tasks over {s.history:,} finished ones",
     "latency": lambda s: (
-        f"submit→start of one task on an idle dispatcher ({s.latency_samples} samples per run)"
+        f"submit→start of one task on an idle dispatcher ({s.latency_samples} samples per run;"
+        " started_at: the claim's start; the action: after the claim committed, as the peers)"
     ),
 }
 
@@ -70,7 +73,7 @@ SECTIONS: dict[str, Callable[[Sizes], str]] = {
 PEER_RATIOS = (
     ("independent", "drain_rate", "drain (tasks/s), taskomatic ÷ peer (>1: taskomatic faster)"),
     ("chain", "hop_p50_ms", "chain hop p50, taskomatic ÷ peer (<1: taskomatic faster)"),
-    ("latency", "start_p50_ms", "submit→start p50, taskomatic ÷ peer (<1: taskomatic faster)"),
+    ("latency", "action_p50_ms", "submit→action p50, taskomatic ÷ peer (<1: taskomatic faster)"),
 )
 """The comparisons with the peer queues, each taskomatic-on-PostgreSQL over the peer."""
 

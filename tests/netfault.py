@@ -19,9 +19,14 @@ class ReplyCutter:
 
     def __init__(self, url: str) -> None:
         target = sa.make_url(url)
-        self._server = (target.host or "127.0.0.1", target.port or 5432)
+        query = dict(target.query)
+        host = target.host or str(query.pop("host", "") or "/var/run/postgresql")
+        port = target.port or int(str(query.pop("port", "") or 5432))
+        # A server reached through its Unix socket (a DSN given in TASKOMATIC_TEST_DSN) is
+        # proxied over TCP all the same.
+        self._server = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = target.set(host="127.0.0.1", port=self._listener.getsockname()[1])
+        self.url = target.set(host="127.0.0.1", port=self._listener.getsockname()[1], query=query)
         self._marker: bytes | None = None
         self._lock = threading.Lock()
         self.cuts = 0
@@ -44,7 +49,11 @@ class ReplyCutter:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            server = socket.create_connection(self._server)
+            if isinstance(self._server, str):
+                server = socket.socket(socket.AF_UNIX)
+                server.connect(self._server)
+            else:
+                server = socket.create_connection(self._server)
             self._sockets += [client, server]
             doomed = threading.Event()
             threading.Thread(target=self._up, args=(client, server, doomed), daemon=True).start()
